@@ -1,0 +1,3 @@
+from imaml_lightning.cli import main
+
+main()

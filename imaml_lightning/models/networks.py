@@ -1,0 +1,66 @@
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def conv_block(in_channels: int, out_channels: int, max_pool: bool) -> nn.Sequential:
+    # BatchNorm without running statistics: every task is normalized by its own batch, in
+    # training and evaluation alike, so no statistics leak from one task into the next.
+    layers = [
+        nn.Conv2d(in_channels, out_channels, 3, stride=1 if max_pool else 2, padding=1),
+        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        nn.ReLU(),
+    ]
+    if max_pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    """The conv-4 of MAML/iMAML: `depth` blocks of [3x3 conv -> BatchNorm -> ReLU], strided
+    (Omniglot) or followed by 2x2 max-pooling (Mini-ImageNet), then a linear classifier.
+
+    Features are averaged over space for strided nets (as MAML does on Omniglot) and flattened
+    after max-pooling (as on Mini-ImageNet, where `image_size` fixes the flattened size).
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        in_channels: int = 1,
+        hidden: int = 64,
+        depth: int = 4,
+        max_pool: bool = False,
+        image_size: int = 28,
+    ):
+        super().__init__()
+        channels = [in_channels] + [hidden] * depth
+        self.features = nn.Sequential(
+            *(conv_block(a, b, max_pool) for a, b in zip(channels[:-1], channels[1:]))
+        )
+        self.max_pool = max_pool
+        side = image_size
+        for _ in range(depth):
+            side = side // 2 if max_pool else (side + 1) // 2
+        self.classifier = nn.Linear(hidden * side * side if max_pool else hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        h = h.flatten(1) if self.max_pool else h.mean(dim=(2, 3))
+        return self.classifier(h)
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network (MAML's sinusoid regressor: 1 -> 40 -> 40 -> 1)."""
+
+    def __init__(self, out_features: int, in_features: int = 1, hidden: Sequence[int] = (40, 40)):
+        super().__init__()
+        sizes = [in_features, *hidden]
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,140 @@
+"""The LightningModule: orchestrates the solver, the optimizer and the logs.
+
+The algorithm itself lives in imaml_lightning.solver (plain PyTorch); this layer turns a batch
+into solver calls, hands the meta-gradient to the optimizer through autograd (so distributed
+strategies reduce it) and logs what happens.
+"""
+from typing import Callable, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+
+from imaml_lightning.errors import require
+from imaml_lightning.metrics import MeanConfidenceInterval
+from imaml_lightning.solver import (
+    IMAMLConfig, Task, adapt_and_predict, meta_gradient, mse_loss, surrogate_loss,
+)
+
+
+class IMAML(pl.LightningModule):
+    """Implicit MAML with gradient-descent inner loop (iMAML-GD).
+
+    Args:
+        net: builds the network from its output size (the data module supplies the size).
+        out_features: network output size; set from the data module by the command line.
+        problem: "classification" (cross-entropy, accuracy) or "regression" (MSE).
+        lam: proximal regularization strength lambda of the inner problem.
+        inner_steps / inner_lr: gradient descent on the proximal inner objective.
+        cg_steps / cg_tol: conjugate gradient for the implicit meta-gradient.
+        outer_lr / adam_eps: Adam on the meta-parameters.
+        test_inner_steps: inner steps at validation and test (default: inner_steps).
+        chunk_size: tasks vectorized together (None: the whole meta-batch).
+    """
+
+    def __init__(
+        self,
+        net: Callable[[int], nn.Module],
+        out_features: int = 1,
+        problem: Literal["classification", "regression"] = "classification",
+        lam: float = 0.5,
+        inner_steps: int = 10,
+        inner_lr: float = 0.1,
+        cg_steps: int = 5,
+        cg_tol: float = 0.0,
+        outer_lr: float = 1e-3,
+        adam_eps: float = 1e-8,
+        test_inner_steps: Optional[int] = None,
+        chunk_size: Optional[int] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.automatic_optimization = False
+        self.config = IMAMLConfig(lam, inner_steps, inner_lr, cg_steps, cg_tol)
+        require(outer_lr > 0, "model.outer_lr", outer_lr, "must be > 0")
+        require(test_inner_steps is None or test_inner_steps >= 0, "model.test_inner_steps",
+                test_inner_steps, "must be >= 0 or null")
+        require(chunk_size is None or chunk_size >= 1, "model.chunk_size", chunk_size,
+                "must be >= 1 or null")
+        self.net = net(out_features)
+        self.classification = problem == "classification"
+        self.loss_fn = F.cross_entropy if self.classification else mse_loss
+        self.score_name = "acc" if self.classification else "mse"
+        self.val_score = MeanConfidenceInterval()
+        self.test_score = MeanConfidenceInterval()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr, eps=self.hparams.adam_eps)
+
+    def params(self):
+        return dict(self.net.named_parameters())
+
+    def episode_scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Accuracy or MSE of each task's query set: [tasks]."""
+        if self.classification:
+            return (outputs.argmax(-1) == targets).float().mean(-1)
+        return (outputs - targets).pow(2).flatten(1).mean(-1)
+
+    def training_step(self, batch, batch_idx):
+        tasks = Task(*batch)
+        params = self.params()
+        result = meta_gradient(self.net, params, tasks, self.loss_fn, self.config,
+                               self.hparams.chunk_size)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(surrogate_loss(params, result.grads))
+        optimizer.step()
+        self.log_training(result, tasks.query_y)
+
+    def log_training(self, result, query_y: torch.Tensor) -> None:
+        d = result.diagnostics
+        metrics = {
+            "train/query_loss_before": d["query_loss_before"].mean(),
+            "train/query_loss_after": d["query_loss_after"].mean(),
+            "train/inner_objective_before": d["inner_objective_before"].mean(),
+            "train/inner_objective_after": d["inner_objective_after"].mean(),
+            "train/cg_residual": d["cg_residual_norms"][:, -1].mean(),
+            "train/cg_iterations": d["cg_iterations"].mean(),
+            "train/cg_negative_curvature": d["cg_negative_curvature"].float().mean(),
+            "train/meta_grad_norm": torch.linalg.vector_norm(
+                torch.cat([g.flatten() for g in result.grads.values()])),
+        }
+        if self.classification:
+            metrics["train/acc_before"] = self.episode_scores(d["query_output_before"], query_y).mean()
+            metrics["train/acc_after"] = self.episode_scores(d["query_output_after"], query_y).mean()
+        self.log_dict(metrics, prog_bar=False)
+        self.log(f"train/{self.score_name}", metrics.get("train/acc_after", metrics["train/query_loss_after"]),
+                 prog_bar=True, logger=False)
+
+    def evaluate(self, batch, score: MeanConfidenceInterval) -> None:
+        # Lightning may run evaluation under inference mode; adaptation needs autograd, and
+        # inference tensors cannot take part in it, hence the copies.
+        with torch.inference_mode(False), torch.enable_grad():
+            tasks = Task(*(t.clone() for t in batch))
+            outputs = adapt_and_predict(self.net, self.params(), tasks, self.loss_fn, self.config,
+                                        self.hparams.test_inner_steps, self.hparams.chunk_size)
+        score.update(self.episode_scores(outputs.detach(), tasks.query_y))
+
+    def validation_step(self, batch, batch_idx):
+        self.evaluate(batch, self.val_score)
+
+    def test_step(self, batch, batch_idx):
+        self.evaluate(batch, self.test_score)
+
+    def log_score(self, stage: str, score: MeanConfidenceInterval) -> None:
+        mean, ci = score.compute()
+        name = f"{stage}/{self.score_name}"
+        self.log_dict({name: mean.float(), f"{name}_ci95": ci.float()}, prog_bar=stage == "val")
+        score.reset()
+        if stage == "test" or not self.trainer.sanity_checking:
+            unit, factor = ("%", 100) if self.classification else ("", 1)
+            rank_zero_info(f"{name} = {factor * mean:.4g} ± {factor * ci:.2g}{unit} "
+                           f"(95% CI) after {self.trainer.global_step} meta-steps")
+
+    def on_validation_epoch_end(self):
+        self.log_score("val", self.val_score)
+
+    def on_test_epoch_end(self):
+        self.log_score("test", self.test_score)

@@ -1,0 +1,52 @@
+"""Conjugate gradient for A x = b with A symmetric, given only the product v -> A v.
+
+Written without data-dependent Python branches (finished or failed systems are frozen with
+torch.where) so that the same code runs on one task or under torch.func.vmap over many.
+"""
+from typing import Callable, NamedTuple
+
+import torch
+
+from imaml_lightning.solver import tree
+from imaml_lightning.solver.tree import Params
+
+
+class CGResult(NamedTuple):
+    x: Params
+    residual_norms: torch.Tensor  # ||b - A x_k|| for k = 0..steps
+    iterations: torch.Tensor  # CG steps actually taken
+    negative_curvature: torch.Tensor  # stopped because p^T A p <= 0 (A not positive definite)
+
+
+def conjugate_gradient(
+    matvec: Callable[[Params], Params], b: Params, steps: int, tol: float = 0.0
+) -> CGResult:
+    """Run at most `steps` CG iterations from x0 = 0; stop once ||r|| <= tol * ||b||.
+
+    Where p^T A p <= 0 the current iterate is kept, as truncated CG does: A = I + H/lambda is
+    only positive definite near a minimizer of the inner problem.
+    """
+    x = tree.zeros_like(b)
+    r, p = b, b
+    rs = tree.dot(r, r)
+    threshold = tol**2 * rs
+    active = rs > threshold
+    norms = [rs.sqrt()]
+    iterations = torch.zeros_like(rs)
+    negative = torch.zeros_like(rs, dtype=torch.bool)
+    for _ in range(steps):
+        ap = matvec(p)
+        curvature = tree.dot(p, ap)
+        negative = negative | (active & (curvature <= 0))
+        active = active & (curvature > 0)
+        alpha = torch.where(active, rs / torch.where(active, curvature, 1.0), 0.0)
+        x = tree.add(x, p, alpha)
+        r = tree.add(r, ap, -alpha)
+        rs_next = tree.dot(r, r)
+        beta = torch.where(active, rs_next / torch.where(active, rs, 1.0), 0.0)
+        p = tree.add(r, p, beta)
+        iterations = iterations + active.to(rs.dtype)
+        rs = torch.where(active, rs_next, rs)
+        active = active & (rs > threshold)
+        norms.append(rs.sqrt())
+    return CGResult(x, torch.stack(norms), iterations, negative)

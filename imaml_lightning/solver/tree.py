@@ -1,0 +1,27 @@
+"""Arithmetic on parameter dicts ({name: tensor}), the vectors the solver works with."""
+from typing import Dict
+
+import torch
+
+Params = Dict[str, torch.Tensor]
+
+
+def add(a: Params, b: Params, scale: float | torch.Tensor = 1.0) -> Params:
+    """a + scale * b."""
+    return {k: a[k] + scale * b[k] for k in a}
+
+
+def scale(a: Params, factor: float | torch.Tensor) -> Params:
+    return {k: factor * v for k, v in a.items()}
+
+
+def dot(a: Params, b: Params) -> torch.Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def zeros_like(a: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def detach(a: Params) -> Params:
+    return {k: v.detach() for k, v in a.items()}
