@@ -5,7 +5,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from imaml_lightning.data import EpisodicDataModule
-from imaml_lightning.errors import SettingError
+from imaml_lightning.errors import find_setting_error
 from imaml_lightning.module import IMAML
 
 
@@ -50,8 +50,11 @@ def main(args=None) -> None:
             trainer_defaults=TRAINER_DEFAULTS,
             args=args,
         )
-    except SettingError as error:
-        sys.exit(f"error: {error}")
+    except ValueError as error:
+        setting_error = find_setting_error(error)
+        if setting_error is None:
+            raise
+        sys.exit(f"error: {setting_error}")
 
 
 if __name__ == "__main__":

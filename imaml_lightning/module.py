@@ -64,6 +64,7 @@ class IMAML(pl.LightningModule):
         self.score_name = "acc" if self.classification else "mse"
         self.val_score = MeanConfidenceInterval()
         self.test_score = MeanConfidenceInterval()
+        self.checkpoint_step = 0  # meta-steps of the loaded checkpoint (validate/test report it)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr, eps=self.hparams.adam_eps)
@@ -130,8 +131,12 @@ class IMAML(pl.LightningModule):
         score.reset()
         if stage == "test" or not self.trainer.sanity_checking:
             unit, factor = ("%", 100) if self.classification else ("", 1)
+            steps = max(self.trainer.global_step, self.checkpoint_step)
             rank_zero_info(f"{name} = {factor * mean:.4g} ± {factor * ci:.2g}{unit} "
-                           f"(95% CI) after {self.trainer.global_step} meta-steps")
+                           f"(95% CI) after {steps} meta-steps")
+
+    def on_load_checkpoint(self, checkpoint):
+        self.checkpoint_step = checkpoint.get("global_step", 0)
 
     def on_validation_epoch_end(self):
         self.log_score("val", self.val_score)

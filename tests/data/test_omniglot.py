@@ -1,0 +1,87 @@
+import re
+
+import pytest
+import torch
+
+from imaml_lightning.data import OmniglotDataModule
+from imaml_lightning.data.episodes import task_generator
+from imaml_lightning.data.omniglot import character_name, list_characters, locate, paper_split
+from imaml_lightning.errors import SettingError
+
+
+@pytest.fixture(scope="module")
+def omniglot(omniglot_root, cache_dir):
+    dm = OmniglotDataModule(root=str(omniglot_root), ways=5, shots=2, queries=3,
+                            cache_dir=str(cache_dir), download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_paper_split_is_disjoint_complete_and_fixed(omniglot_root):
+    characters = list_characters(locate(omniglot_root))
+    splits = paper_split(characters)
+    sets = {name: set(ids.tolist()) for name, ids in splits.items()}
+    assert {k: len(v) for k, v in sets.items()} == {"train": 1100, "val": 100, "test": 423}
+    assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"]
+    assert not sets["val"] & sets["test"]
+    assert set.union(*sets.values()) == set(range(1623))
+    # The split is by name, documented and frozen: pin a few members so it cannot drift.
+    names = {split: {character_name(characters[i]) for i in ids} for split, ids in sets.items()}
+    assert len({n.split("/")[0] for n in names["test"]}) > 40  # spread over the alphabets
+    assert paper_split(list(reversed(characters)))["test"].numel() == 423
+
+
+def test_episode_shapes_labels_and_value_range(omniglot):
+    xs, ys, xq, yq = omniglot.sampler("train", task_generator(0, "train", 0))
+    assert xs.shape == (10, 1, 28, 28) and xq.shape == (15, 1, 28, 28)
+    assert ys.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert yq.tolist() == [c for c in range(5) for _ in range(3)]
+    assert xs.dtype == torch.float32 and 0 <= xs.min() and xs.max() <= 1
+    assert xs.mean() < 0.5  # strokes are the bright foreground on a dark background
+
+
+def test_each_class_is_one_character_under_one_rotation(omniglot):
+    images = omniglot.sampler.images  # [characters, rotation, drawer, H, W]
+    for index in range(20):
+        xs, ys, xq, yq = omniglot.sampler("train", task_generator(1, "train", index))
+        seen = set()
+        for label in range(5):
+            class_images = torch.cat([xs[ys == label], xq[yq == label]]).squeeze(1)
+            stored = (class_images * 255).round().to(torch.uint8)
+            # Find the (character, rotation) pair holding the first image; all others must match it.
+            match = (images == stored[0]).flatten(-2).all(-1).nonzero()
+            character, rotation = match[0, 0].item(), match[0, 1].item()
+            assert all((images[character, rotation] == img).flatten(1).all(1).any() for img in stored)
+            assert character in omniglot.sampler.splits["train"].tolist()
+            seen.add((character, rotation))
+        assert len(seen) == 5
+
+
+def test_episodes_are_deterministic_and_split_specific(omniglot):
+    a = omniglot.sampler("val", task_generator(0, "val", 3))
+    b = omniglot.sampler("val", task_generator(0, "val", 3))
+    c = omniglot.sampler("val", task_generator(0, "val", 4))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_cache_lives_outside_the_dataset_root(omniglot, omniglot_root, cache_dir):
+    assert list(cache_dir.glob("omniglot-28px-*.pt"))
+    assert not list(omniglot_root.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("kwargs, setting", [
+    ({"ways": 1700}, "data.ways"),
+    ({"shots": 15, "queries": 6}, "data.shots + data.queries"),
+    ({"shots": 0}, "data.shots"),
+])
+def test_invalid_settings_name_the_setting(kwargs, setting):
+    with pytest.raises(SettingError, match=re.escape(setting)):
+        OmniglotDataModule(**kwargs)
+
+
+def test_missing_root_without_download_is_one_clear_error(tmp_path):
+    dm = OmniglotDataModule(root=str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(SettingError, match="data.root"):
+        dm.prepare_data()

@@ -1,0 +1,80 @@
+import re
+
+"""End to end through the command line, as a user runs it."""
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from imaml_lightning.cli import main
+
+FAST_SINUSOID = [
+    "--config", "configs/sinusoid.yaml",
+    "--data.init_args.val_episodes", "20", "--data.init_args.test_episodes", "30",
+    "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, request):
+    """Run in an empty folder holding only the configs, as a user in a fresh checkout would."""
+    configs = request.config.rootpath / "configs"
+    (tmp_path / "configs").mkdir()
+    for config in configs.glob("*.yaml"):
+        (tmp_path / "configs" / config.name).write_text(config.read_text())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def scalars(log_dir):
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_fit_writes_checkpoints_and_tensorboard_and_resumes(workdir):
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "4"])
+    last = workdir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    assert list((workdir / "checkpoints").glob("best-step*.ckpt"))
+    logged = scalars(workdir / "lightning_logs" / "version_0")
+    for tag in ("train/query_loss_before", "train/query_loss_after", "train/inner_objective_after",
+                "train/cg_residual", "train/meta_grad_norm", "val/mse", "val/mse_ci95"):
+        assert tag in logged, tag
+    assert [step for step, _ in logged["val/mse"]] == [1, 3]  # after steps 2 and 4
+
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 6
+    logged = scalars(workdir / "lightning_logs" / "version_1")
+    assert [step for step, _ in logged["val/mse"]] == [5]  # continues, does not restart at 0
+
+
+def test_test_reports_mean_and_confidence_interval(workdir, capsys, caplog):
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2"])
+    main(["test", *FAST_SINUSOID, "--ckpt_path", "checkpoints/last.ckpt"])
+    assert re.search(r"test/mse = [0-9.]+ ± [0-9.]+ \(95% CI\) after 2 meta-steps", caplog.text)
+    table = capsys.readouterr().out
+    assert "test/mse" in table and "test/mse_ci95" in table
+
+
+def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
+    main(["fit", "--config", "configs/omniglot_5way_1shot.yaml",
+          "--data.root", str(omniglot_root), "--data.init_args.cache_dir", str(cache_dir),
+          "--data.init_args.meta_batch_size", "2", "--data.init_args.val_episodes", "4",
+          "--model.inner_steps", "2", "--model.net.init_args.hidden", "8",
+          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+          "--trainer.enable_progress_bar", "false"])
+    checkpoint = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"]["net.classifier.weight"].shape == (5, 8)
+    assert "val/acc" in scalars(workdir / "lightning_logs" / "version_0")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--model.lam", "0", "lam=0.0 is invalid"),
+    ("--data.init_args.shots", "0", "data.shots=0 is invalid"),
+])
+def test_bad_setting_is_one_clear_error(workdir, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *FAST_SINUSOID, flag, value])
+    assert message in str(exit_info.value.code)
