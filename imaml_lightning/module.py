@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from imaml_lightning.errors import require
+from imaml_lightning.errors import SettingError, require
 from imaml_lightning.metrics import MeanConfidenceInterval
 from imaml_lightning.solver import (
     IMAMLConfig, Task, adapt_and_predict, meta_gradient, mse_loss, surrogate_loss,
@@ -83,6 +83,11 @@ class IMAML(pl.LightningModule):
         params = self.params()
         result = meta_gradient(self.net, params, tasks, self.loss_fn, self.config,
                                self.hparams.chunk_size)
+        if not all(torch.isfinite(g).all() for g in result.grads.values()):
+            raise SettingError(
+                f"model.inner_lr={self.config.inner_lr} is invalid for this problem: the "
+                f"meta-gradient became non-finite at step {self.global_step} because the inner "
+                f"loop diverged; lower model.inner_lr or raise model.lam ({self.config.lam})")
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(surrogate_loss(params, result.grads))
