@@ -144,6 +144,7 @@ class OmniglotDataModule(EpisodicDataModule):
         ways / shots / queries: classes per task, support and query images per class.
         image_size: side of the resized images.
         cache_dir: where the preprocessed tensor is kept (default ~/.cache/imaml_lightning).
+        Episode and loader settings: see EpisodicDataModule.
     """
 
     def __init__(
@@ -155,16 +156,9 @@ class OmniglotDataModule(EpisodicDataModule):
         image_size: int = 28,
         download: bool = True,
         cache_dir: Optional[str] = None,
-        meta_batch_size: int = 32,
-        val_episodes: int = 200,
-        test_episodes: int = 600,
-        eval_batch_size: int = 25,
-        num_workers: int = 0,
-        seed: Optional[int] = None,
-        eval_seed: int = 0,
+        **kwargs,
     ):
-        super().__init__(meta_batch_size, val_episodes, test_episodes, eval_batch_size,
-                         num_workers, seed, eval_seed)
+        super().__init__(**kwargs)
         smallest = min(SPLIT_SIZES.values()) * ROTATIONS
         require(2 <= ways <= smallest, "data.ways", ways,
                 f"must be between 2 and {smallest} (classes in the smallest split)")

@@ -1,7 +1,7 @@
 """Sinusoid regression (MAML): y = A sin(x - phase), A ~ U[0.1, 5], phase ~ U[0, pi],
 x ~ U[-5, 5]. Needs no download."""
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -28,7 +28,8 @@ class SinusoidTasks:
 
 
 class SinusoidDataModule(EpisodicDataModule):
-    """K-shot sinusoid regression; `shots` points to adapt on, `queries` points to score."""
+    """K-shot sinusoid regression; `shots` points to adapt on, `queries` points to score.
+    Episode and loader settings: see EpisodicDataModule."""
 
     problem = "regression"
 
@@ -39,16 +40,9 @@ class SinusoidDataModule(EpisodicDataModule):
         amplitude: Tuple[float, float] = (0.1, 5.0),
         phase: Tuple[float, float] = (0.0, math.pi),
         x_range: Tuple[float, float] = (-5.0, 5.0),
-        meta_batch_size: int = 25,
-        val_episodes: int = 200,
-        test_episodes: int = 600,
-        eval_batch_size: int = 100,
-        num_workers: int = 0,
-        seed: Optional[int] = None,
-        eval_seed: int = 0,
+        **kwargs,
     ):
-        super().__init__(meta_batch_size, val_episodes, test_episodes, eval_batch_size,
-                         num_workers, seed, eval_seed)
+        super().__init__(**kwargs)
         require(shots >= 1, "data.shots", shots, "must be >= 1")
         require(queries >= 1, "data.queries", queries, "must be >= 1")
         for name, (low, high) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
