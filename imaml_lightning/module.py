@@ -20,14 +20,18 @@ from imaml_lightning.solver import (
 
 
 class IMAML(pl.LightningModule):
-    """Implicit MAML with gradient-descent inner loop (iMAML-GD).
+    """Implicit MAML (iMAML-GD, iMAML-HF), and the MAML, first-order MAML and Reptile baselines.
 
     Args:
         net: builds the network from its output size (the data module supplies the size).
         out_features: network output size; set from the data module by the command line.
         problem: "classification" (cross-entropy, accuracy) or "regression" (MSE).
-        lam: proximal regularization strength lambda of the inner problem.
-        inner_steps / inner_lr: gradient descent on the proximal inner objective.
+        algorithm: "imaml", or a baseline on the same data and network: "maml", "fomaml", "reptile".
+        lam: proximal regularization strength lambda of the inner problem (iMAML).
+        inner_solver: "gd", "adam" or "hf" (Hessian-free Newton with line search, iMAML-HF).
+        inner_steps / inner_lr: iterations and step size of the inner solver.
+        hf_cg_steps: CG iterations per Newton direction ("hf").
+        inner_tol: a task stops adapting once the gradient norm of its inner objective is below.
         cg_steps / cg_tol: conjugate gradient for the implicit meta-gradient.
         outer_lr / adam_eps: Adam on the meta-parameters.
         test_inner_steps: inner steps at validation and test (default: inner_steps).
@@ -39,9 +43,13 @@ class IMAML(pl.LightningModule):
         net: Callable[[int], nn.Module],
         out_features: int = 1,
         problem: Literal["classification", "regression"] = "classification",
+        algorithm: Literal["imaml", "maml", "fomaml", "reptile"] = "imaml",
         lam: float = 0.5,
+        inner_solver: Literal["gd", "adam", "hf"] = "gd",
         inner_steps: int = 10,
         inner_lr: float = 0.1,
+        hf_cg_steps: int = 5,
+        inner_tol: float = 0.0,
         cg_steps: int = 5,
         cg_tol: float = 0.0,
         outer_lr: float = 1e-3,
@@ -52,7 +60,13 @@ class IMAML(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.automatic_optimization = False
-        self.config = IMAMLConfig(lam, inner_steps, inner_lr, cg_steps, cg_tol)
+        try:
+            self.config = IMAMLConfig(lam=lam, inner_steps=inner_steps, inner_lr=inner_lr,
+                                      cg_steps=cg_steps, cg_tol=cg_tol, algorithm=algorithm,
+                                      inner_solver=inner_solver, hf_cg_steps=hf_cg_steps,
+                                      inner_tol=inner_tol)
+        except SettingError as error:  # the solver names its own fields; say where they are set
+            raise SettingError(f"model.{error}") from None
         require(outer_lr > 0, "model.outer_lr", outer_lr, "must be > 0")
         require(test_inner_steps is None or test_inner_steps >= 0, "model.test_inner_steps",
                 test_inner_steps, "must be >= 0 or null")
@@ -96,23 +110,21 @@ class IMAML(pl.LightningModule):
 
     def log_training(self, result, query_y: torch.Tensor) -> None:
         d = result.diagnostics
-        metrics = {
-            "train/query_loss_before": d["query_loss_before"].mean(),
-            "train/query_loss_after": d["query_loss_after"].mean(),
-            "train/inner_objective_before": d["inner_objective_before"].mean(),
-            "train/inner_objective_after": d["inner_objective_after"].mean(),
-            "train/cg_residual": d["cg_residual_norms"][:, -1].mean(),
-            "train/cg_iterations": d["cg_iterations"].mean(),
-            "train/cg_negative_curvature": d["cg_negative_curvature"].float().mean(),
-            "train/meta_grad_norm": torch.linalg.vector_norm(
-                torch.cat([g.flatten() for g in result.grads.values()])),
-        }
+        metrics = {f"train/{name}": d[name].float().mean() for name in (
+            "query_loss_before", "query_loss_after", "inner_objective_before",
+            "inner_objective_after", "inner_grad_norm")}
+        metrics["train/meta_grad_norm"] = torch.linalg.vector_norm(
+            torch.cat([g.flatten() for g in result.grads.values()]))
+        if "cg_residual_norms" in d:  # iMAML's implicit solve
+            metrics["train/cg_residual"] = d["cg_residual_norms"][:, -1].mean()
+            metrics["train/cg_iterations"] = d["cg_iterations"].mean()
+            metrics["train/cg_negative_curvature"] = d["cg_negative_curvature"].float().mean()
         if self.classification:
             metrics["train/acc_before"] = self.episode_scores(d["query_output_before"], query_y).mean()
             metrics["train/acc_after"] = self.episode_scores(d["query_output_after"], query_y).mean()
         self.log_dict(metrics, prog_bar=False)
-        self.log(f"train/{self.score_name}", metrics.get("train/acc_after", metrics["train/query_loss_after"]),
-                 prog_bar=True, logger=False)
+        progress = metrics.get("train/acc_after", metrics["train/query_loss_after"])
+        self.log(f"train/{self.score_name}", progress, prog_bar=True, logger=False)
 
     def evaluate(self, batch, score: MeanConfidenceInterval) -> None:
         # Lightning may run evaluation under inference mode; adaptation needs autograd, and

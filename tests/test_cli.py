@@ -70,9 +70,19 @@ def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
     assert "val/acc" in scalars(workdir / "lightning_logs" / "version_0")
 
 
+@pytest.mark.parametrize("algorithm, inner_solver", [("maml", "gd"), ("reptile", "adam"), ("imaml", "hf")])
+def test_baselines_and_inner_solvers_train_through_the_cli(workdir, algorithm, inner_solver):
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2", "--model.algorithm", algorithm,
+          "--model.inner_solver", inner_solver, "--model.inner_steps", "2"])
+    logged = scalars(workdir / "lightning_logs" / "version_0")
+    assert "train/query_loss_after" in logged and "val/mse" in logged
+    assert ("train/cg_residual" in logged) == (algorithm == "imaml")
+
+
 @pytest.mark.parametrize("flag, value, message", [
-    ("--model.lam", "0", "lam=0.0 is invalid"),
+    ("--model.lam", "0", "model.lam=0.0 is invalid"),
     ("--data.init_args.shots", "0", "data.shots=0 is invalid"),
+    ("--model.hf_cg_steps", "0", "model.hf_cg_steps=0 is invalid"),
 ])
 def test_bad_setting_is_one_clear_error(workdir, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:

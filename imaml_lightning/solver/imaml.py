@@ -1,27 +1,33 @@
-"""iMAML-GD meta-gradient (Rajeswaran et al., 2019), on parameter dicts with torch.func.
+"""Meta-gradients of a meta-batch, on parameter dicts with torch.func.
 
-For a task with support set S and query set Q, from meta-parameters theta:
+iMAML (Rajeswaran et al., 2019), for a task with support set S and query set Q:
 
     phi*  = argmin_phi  G(phi) = L(phi; S) + lam/2 ||phi - theta||^2      (inner problem)
     g     = (I + H/lam)^{-1} grad L(phi*; Q),   H = hess L(phi*; S)       (implicit gradient)
 
-phi* is approximated by gradient descent on G itself (the proximal term acts at every step),
-and g by conjugate gradient with Hessian-vector products of the support loss at phi. Nothing is
+phi* is approximated by an inner solver on G itself (the proximal term acts at every step), and
+g by conjugate gradient with Hessian-vector products of the support loss at phi. Nothing is
 differentiated through the inner loop, so memory does not grow with the number of inner steps.
+
+Baselines with the same interface, on the plain support loss: MAML (differentiates through the
+unrolled inner gradient descent), first-order MAML (grad L(phi; Q)) and Reptile (theta - phi).
 """
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 from imaml_lightning.errors import require
 from imaml_lightning.solver import tree
 from imaml_lightning.solver.cg import conjugate_gradient
+from imaml_lightning.solver.hvp import hessian_vector_product
+from imaml_lightning.solver.inner import INNER_SOLVERS, gradient_descent
 from imaml_lightning.solver.tree import Params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
 
 
 class Task(NamedTuple):
@@ -35,11 +41,15 @@ class Task(NamedTuple):
 
 @dataclass(frozen=True)
 class IMAMLConfig:
-    lam: float = 0.5  # proximal regularization strength lambda
-    inner_steps: int = 10  # gradient steps on G
-    inner_lr: float = 0.1
-    cg_steps: int = 5
+    lam: float = 0.5  # proximal regularization strength lambda (iMAML only)
+    inner_steps: int = 10  # inner solver iterations
+    inner_lr: float = 0.1  # step size (for "hf": scale of the line-search steps)
+    cg_steps: int = 5  # CG iterations for the implicit meta-gradient
     cg_tol: float = 0.0  # stop CG once ||r|| <= cg_tol * ||grad L(phi; Q)||
+    algorithm: str = "imaml"  # or a baseline: "maml", "fomaml", "reptile"
+    inner_solver: str = "gd"  # "gd", "adam" or "hf" (Hessian-free Newton, iMAML-HF)
+    hf_cg_steps: int = 5  # CG iterations per Newton direction of "hf"
+    inner_tol: float = 0.0  # a task stops its inner loop once ||grad G|| <= inner_tol
 
     def __post_init__(self):
         require(self.lam > 0, "lam", self.lam, "must be > 0 (the proximal strength lambda)")
@@ -47,6 +57,18 @@ class IMAMLConfig:
         require(self.inner_lr > 0, "inner_lr", self.inner_lr, "must be > 0")
         require(self.cg_steps >= 1, "cg_steps", self.cg_steps, "must be >= 1")
         require(self.cg_tol >= 0, "cg_tol", self.cg_tol, "must be >= 0")
+        require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"must be one of {ALGORITHMS}")
+        require(self.inner_solver in INNER_SOLVERS, "inner_solver", self.inner_solver,
+                f"must be one of {tuple(INNER_SOLVERS)}")
+        require(self.algorithm != "maml" or self.inner_solver == "gd", "inner_solver",
+                self.inner_solver, "MAML differentiates through gradient descent: use gd")
+        require(self.hf_cg_steps >= 1, "hf_cg_steps", self.hf_cg_steps, "must be >= 1")
+        require(self.inner_tol >= 0, "inner_tol", self.inner_tol, "must be >= 0")
+
+    @property
+    def proximal_strength(self) -> float:
+        """lambda of the inner objective: iMAML's; the baselines minimize the plain loss."""
+        return self.lam if self.algorithm == "imaml" else 0.0
 
 
 class MetaGradient(NamedTuple):
@@ -65,70 +87,98 @@ def loss_and_output(model: nn.Module, loss_fn: LossFn):
 
 
 def proximal_objective(support_loss, theta: Params, lam: float):
-    """G(phi) = L(phi; S) + lam/2 ||phi - theta||^2, with L's output kept as auxiliary."""
+    """G(phi) = L(phi; S) + lam/2 ||phi - theta||^2, with the support loss as auxiliary."""
 
     def objective(phi: Params):
-        loss, output = support_loss(phi)
+        loss, _ = support_loss(phi)
         distance = tree.add(phi, theta, -1.0)
         return loss + 0.5 * lam * tree.dot(distance, distance), loss
 
     return objective
 
 
-def inner_gradient_descent(objective, theta: Params, steps: int, lr: float):
-    """phi_{k+1} = phi_k - lr * grad G(phi_k), phi_0 = theta. Returns phi_K and G(phi_0)."""
-    phi, first_value = theta, None
-    for _ in range(steps):
-        step, (value, _) = grad_and_value(objective, has_aux=True)(phi)
-        first_value = value if first_value is None else first_value
-        phi = tree.add(phi, step, -lr)
-    return phi, first_value
-
-
-def hessian_vector_product(scalar_fn, params: Params, v: Params) -> Params:
-    """H v for H = hess scalar_fn(params): forward-mode derivative of the gradient."""
-    return jvp(grad(scalar_fn), (params,), (v,))[1]
-
-
 def adapt(fn, theta: Params, task: Task, config: IMAMLConfig, inner_steps: Optional[int] = None):
-    """Approximate phi* for one task; returns phi and the support-set diagnostics."""
-    support_loss = lambda phi: fn(phi, task.support_x, task.support_y)  # noqa: E731
-    objective = proximal_objective(support_loss, theta, config.lam)
+    """Approximate the inner minimizer phi for one task; returns phi and support diagnostics."""
+    objective = proximal_objective(lambda phi: fn(phi, task.support_x, task.support_y),
+                                   theta, config.proximal_strength)
+    solver = INNER_SOLVERS[config.inner_solver]
     steps = config.inner_steps if inner_steps is None else inner_steps
-    phi, objective_before = inner_gradient_descent(objective, theta, steps, config.inner_lr)
-    objective_after, loss_after = objective(phi)
-    if objective_before is None:  # zero inner steps
-        objective_before = objective_after
-    return phi, {
-        "inner_objective_before": objective_before,
+    inner = solver(objective, theta, steps, config.inner_lr, tol=config.inner_tol,
+                   hf_cg_steps=config.hf_cg_steps)
+    objective_after, loss_after = objective(inner.phi)
+    return inner.phi, {
+        "inner_objective_before": inner.objective_before,
         "inner_objective_after": objective_after,
+        "inner_grad_norm": inner.gradient_norm,
         "support_loss_after": loss_after,
     }
 
 
-def task_meta_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
-    """The implicit meta-gradient of one task and its diagnostics."""
+def query_diagnostics(fn, theta: Params, phi: Params, task: Task, loss_after, output_after) -> dict:
+    loss_before, output_before = fn(theta, task.query_x, task.query_y)
+    return {"query_loss_before": loss_before, "query_output_before": output_before,
+            "query_loss_after": loss_after, "query_output_after": output_after}
+
+
+def imaml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
+    """g = (I + H/lam)^{-1} grad L(phi; Q) by CG, and the task's diagnostics."""
     phi, diagnostics = adapt(fn, theta, task, config)
-    query_loss_before, query_output_before = fn(theta, task.query_x, task.query_y)
     query_grad, (query_loss, query_output) = grad_and_value(fn, has_aux=True)(
-        phi, task.query_x, task.query_y
-    )
+        phi, task.query_x, task.query_y)
     support_loss = lambda p: fn(p, task.support_x, task.support_y)[0]  # noqa: E731
 
     def implicit_system(v: Params) -> Params:  # v -> (I + H/lam) v
         return tree.add(v, hessian_vector_product(support_loss, phi, v), 1.0 / config.lam)
 
     cg = conjugate_gradient(implicit_system, query_grad, config.cg_steps, config.cg_tol)
-    diagnostics.update(
-        query_loss_before=query_loss_before,
-        query_output_before=query_output_before,
-        query_loss_after=query_loss,
-        query_output_after=query_output,
-        cg_residual_norms=cg.residual_norms,
-        cg_iterations=cg.iterations,
-        cg_negative_curvature=cg.negative_curvature,
-    )
+    diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, query_output),
+                       cg_residual_norms=cg.residual_norms, cg_iterations=cg.iterations,
+                       cg_negative_curvature=cg.negative_curvature)
     return cg.x, diagnostics
+
+
+def maml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
+    """d L(phi_K(theta); Q) / d theta through the unrolled inner gradient descent (second order)."""
+
+    def query_loss_after_inner_loop(start: Params):
+        objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), start, 0.0)
+        inner = gradient_descent(objective, start, config.inner_steps, config.inner_lr, config.inner_tol)
+        loss, output = fn(inner.phi, task.query_x, task.query_y)
+        return loss, (output, inner.phi, inner.objective_before, inner.gradient_norm)
+
+    g, (query_loss, (output, phi, before, norm)) = grad_and_value(
+        query_loss_after_inner_loop, has_aux=True)(theta)
+    phi = tree.detach(phi)
+    objective_after, _ = fn(phi, task.support_x, task.support_y)
+    diagnostics = {"inner_objective_before": before.detach(), "inner_objective_after": objective_after,
+                   "inner_grad_norm": norm.detach(), "support_loss_after": objective_after}
+    diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, output.detach()))
+    return g, diagnostics
+
+
+def fomaml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
+    """grad L(phi; Q): MAML without the second-order terms."""
+    phi, diagnostics = adapt(fn, theta, task, config)
+    g, (query_loss, output) = grad_and_value(fn, has_aux=True)(phi, task.query_x, task.query_y)
+    diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, output))
+    return g, diagnostics
+
+
+def reptile_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
+    """theta - phi: Reptile's update direction, handed to the outer optimizer as a gradient."""
+    phi, diagnostics = adapt(fn, theta, task, config)
+    query_loss, output = fn(phi, task.query_x, task.query_y)
+    diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, output))
+    return tree.add(theta, phi, -1.0), diagnostics
+
+
+TASK_GRADIENTS = {"imaml": imaml_task_gradient, "maml": maml_task_gradient,
+                  "fomaml": fomaml_task_gradient, "reptile": reptile_task_gradient}
+
+
+def task_meta_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
+    """The meta-gradient of one task under config.algorithm, and its diagnostics."""
+    return TASK_GRADIENTS[config.algorithm](fn, theta, task, config)
 
 
 def meta_gradient(
@@ -139,16 +189,24 @@ def meta_gradient(
     config: IMAMLConfig,
     chunk_size: Optional[int] = None,
 ) -> MetaGradient:
-    """Average implicit meta-gradient of a meta-batch (tasks with a leading task dimension),
-    all tasks computed together by torch.func.vmap (`chunk_size` tasks at a time)."""
-    per_task = vmap(
-        lambda theta, task: task_meta_gradient(loss_and_output(model, loss_fn), theta, task, config),
-        in_dims=(None, 0),
-        chunk_size=chunk_size,
-        randomness="different",
-    )
+    """Average meta-gradient of a meta-batch (tasks with a leading task dimension), all tasks
+    computed together by torch.func.vmap (`chunk_size` tasks at a time)."""
+    fn = loss_and_output(model, loss_fn)
+    per_task = vmap(lambda theta, task: task_meta_gradient(fn, theta, task, config),
+                    in_dims=(None, 0), chunk_size=chunk_size, randomness="different")
     grads, diagnostics = per_task(tree.detach(params), tasks)
     return MetaGradient({k: g.mean(0) for k, g in grads.items()}, diagnostics)
+
+
+def meta_gradient_loop(model, params, tasks, loss_fn, config) -> MetaGradient:
+    """Reference implementation, one task at a time (for tests and benchmarks)."""
+    fn = loss_and_output(model, loss_fn)
+    theta = tree.detach(params)
+    results = [task_meta_gradient(fn, theta, Task(*(t[i] for t in tasks)), config)
+               for i in range(len(tasks.support_x))]
+    grads = {k: torch.stack([g[k] for g, _ in results]).mean(0) for k in theta}
+    diagnostics = {k: torch.stack([d[k] for _, d in results]) for k in results[0][1]}
+    return MetaGradient(grads, diagnostics)
 
 
 def adapt_and_predict(
@@ -168,8 +226,7 @@ def adapt_and_predict(
         return functional_call(model, phi, (task.query_x,))
 
     return vmap(predict, in_dims=(None, 0), chunk_size=chunk_size, randomness="different")(
-        tree.detach(params), tasks
-    )
+        tree.detach(params), tasks)
 
 
 def surrogate_loss(params: Params, meta_grads: Params) -> torch.Tensor:

@@ -25,3 +25,12 @@ def zeros_like(a: Params) -> Params:
 
 def detach(a: Params) -> Params:
     return {k: v.detach() for k, v in a.items()}
+
+
+def norm(a: Params) -> torch.Tensor:
+    return dot(a, a).sqrt()
+
+
+def where(condition: torch.Tensor, a: Params, b: Params) -> Params:
+    """a where condition holds, else b (condition a per-task scalar under vmap)."""
+    return {k: torch.where(condition, a[k], b[k]) for k in a}

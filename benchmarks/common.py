@@ -1,0 +1,40 @@
+"""Shared pieces of the solver benchmarks: synthetic Omniglot-shaped tasks and a timer."""
+import os
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+
+from imaml_lightning.solver import Task
+
+
+def omniglot_shaped_tasks(tasks: int, ways: int, shots: int, queries: int, seed: int = 0) -> Task:
+    """Random 28x28 tasks: compute cost does not depend on the pixels, only on the shapes."""
+    g = torch.Generator().manual_seed(seed)
+    images = lambda n: torch.rand(tasks, n, 1, 28, 28, generator=g)  # noqa: E731
+    labels = lambda k: torch.arange(ways).repeat_interleave(k).expand(tasks, -1).contiguous()  # noqa: E731
+    return Task(images(ways * shots), labels(shots), images(ways * queries), labels(queries))
+
+
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    return (f"{date.today()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Benchmark 1 of the solver: peak memory of one meta-gradient against the number of inner
+steps K, for iMAML (implicit gradient: flat in K) and MAML (backpropagation through the unrolled
+loop: grows with K), on one Omniglot 20-way 5-shot task with the conv-4.
+
+Each measurement runs in a fresh process: peak resident memory (ru_maxrss) minus the resident
+memory just before the meta-gradient, so imports and data do not count.
+Usage: python -m benchmarks.solver_memory [--steps 5 25 100 200] [--plot benchmarks/results/memory.png]
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import machine, markdown_table, omniglot_shaped_tasks
+from imaml_lightning.models import ConvNet
+from imaml_lightning.solver import IMAMLConfig, meta_gradient
+
+WAYS, SHOTS, QUERIES = 20, 5, 5
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure_one(algorithm: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    net = ConvNet(WAYS)
+    tasks = omniglot_shaped_tasks(1, WAYS, SHOTS, QUERIES)
+    config = IMAMLConfig(algorithm=algorithm, lam=2.0, inner_steps=steps, inner_lr=0.1, cg_steps=5)
+    meta_gradient(net, dict(net.named_parameters()), tasks, F.cross_entropy,
+                  IMAMLConfig(algorithm=algorithm, inner_steps=1))  # warm up kernels and allocator
+    before = resident_mib()
+    meta_gradient(net, dict(net.named_parameters()), tasks, F.cross_entropy, config)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"algorithm": algorithm, "steps": steps, "peak_mib": peak - before}
+
+
+def main(steps, plot):
+    rows = []
+    for algorithm in ("imaml", "maml"):
+        for k in steps:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.solver_memory", "--one",
+                                  algorithm, str(k)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    print(machine())
+    print(f"one Omniglot {WAYS}-way {SHOTS}-shot task, conv-4 (64 channels), {QUERIES} queries/class\n")
+    by = {(r["algorithm"], r["steps"]): r["peak_mib"] for r in rows}
+    table = [[k, f"{by['imaml', k]:.0f}", f"{by['imaml', k] / by['imaml', steps[0]]:.2f}x",
+              f"{by['maml', k]:.0f}", f"{by['maml', k] / by['maml', steps[0]]:.2f}x"] for k in steps]
+    print(markdown_table(["inner steps K", "iMAML peak MiB", f"vs K={steps[0]}",
+                          "MAML peak MiB", f"vs K={steps[0]}"], table))
+    print(f"\ntarget: iMAML at K={steps[-1]} <= 1.1x its K={steps[0]} peak")
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for algorithm in ("imaml", "maml"):
+            ax.plot(steps, [by[algorithm, k] for k in steps], "o-", label=algorithm)
+        ax.set(xlabel="inner steps K", ylabel="peak memory of one meta-gradient (MiB)",
+               title=f"Omniglot {WAYS}-way {SHOTS}-shot, conv-4")
+        ax.legend()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, nargs="+", default=[5, 25, 100, 200])
+    parser.add_argument("--plot", default="benchmarks/results/solver_memory.png")
+    parser.add_argument("--one", nargs=2, metavar=("ALGORITHM", "STEPS"))
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
+    else:
+        main(args.steps, args.plot)
