@@ -57,7 +57,8 @@ def sinusoid(workdir):
 
 def omniglot(workdir, root):
     common = ["--config", str(ROOT / "configs/omniglot_5way_1shot.yaml"), "--data.root", root]
-    scores, seconds = cli("fit", *common, "--trainer.max_time", "00:00:20:00", workdir=workdir)
+    scores, seconds = cli("fit", *common, "--trainer.max_time", "00:00:20:00",
+                          "--trainer.max_steps", "100000", workdir=workdir)
     # Model selection on the validation characters: the best checkpoint by val/acc (top-1 kept).
     (best,) = (workdir / "checkpoints").glob("best-step*.ckpt")
     (test,), _ = cli("test", *common, "--ckpt_path", str(best), workdir=workdir)
