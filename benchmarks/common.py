@@ -4,6 +4,7 @@ import platform
 import statistics
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -38,3 +39,24 @@ def markdown_table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_line_plot(path: str, x, series: dict, xlabel: str, ylabel: str, title: str,
+                   log_y: bool = False) -> None:
+    """One PNG with a line per entry of `series` ({label: y values})."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, y in series.items():
+        ax.plot(x, y, "o-", label=label)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if len(series) > 1:
+        ax.legend()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")

@@ -11,12 +11,11 @@ import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, markdown_table, omniglot_shaped_tasks
+from benchmarks.common import machine, markdown_table, omniglot_shaped_tasks, save_line_plot
 from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import IMAMLConfig, meta_gradient
 
@@ -58,19 +57,9 @@ def main(steps, plot):
                           "MAML peak MiB", f"vs K={steps[0]}"], table))
     print(f"\ntarget: iMAML at K={steps[-1]} <= 1.1x its K={steps[0]} peak")
     if plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for algorithm in ("imaml", "maml"):
-            ax.plot(steps, [by[algorithm, k] for k in steps], "o-", label=algorithm)
-        ax.set(xlabel="inner steps K", ylabel="peak memory of one meta-gradient (MiB)",
-               title=f"Omniglot {WAYS}-way {SHOTS}-shot, conv-4")
-        ax.legend()
-        Path(plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
-        print(f"plot: {plot}")
+        save_line_plot(plot, steps, {a: [by[a, k] for k in steps] for a in ("imaml", "maml")},
+                       "inner steps K", "peak memory of one meta-gradient (MiB)",
+                       f"Omniglot {WAYS}-way {SHOTS}-shot, conv-4")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_inner_tolerance_stops_converged_tasks():
     loose = INNER_SOLVERS["gd"](objective, theta, steps=500, lr=0.3, tol=1e-2)
     tight = INNER_SOLVERS["gd"](objective, theta, steps=500, lr=0.3)
     assert 1e-3 < loose.gradient_norm <= 1e-2 * 1.5
-    assert tight.gradient_norm < 1e-10
+    assert tight.gradient_norm < 1e-6
 
 
 def unrolled_maml_gradient(model, params, task, steps, lr):
