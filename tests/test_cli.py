@@ -66,7 +66,8 @@ def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
           "--trainer.enable_progress_bar", "false"])
     checkpoint = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["state_dict"]["net.classifier.weight"].shape == (5, 8)
+    # 5 classes from the data; 8 channels x 2 x 2 flattened features from --model.net.init_args.hidden
+    assert checkpoint["state_dict"]["net.classifier.weight"].shape == (5, 32)
     assert "val/acc" in scalars(workdir / "lightning_logs" / "version_0")
 
 

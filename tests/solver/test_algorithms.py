@@ -153,5 +153,7 @@ def test_gradient_descent_safeguard_stops_divergence():
     objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
     start = objective(theta)[0]
     result = INNER_SOLVERS["gd"](objective, theta, steps=60, lr=50.0)
+    stable = INNER_SOLVERS["gd"](objective, theta, steps=60, lr=0.3)
     assert torch.isfinite(objective(result.phi)[0])
-    assert objective(result.phi)[0] < 0.5 * start
+    # Half of what a well-chosen step size achieves, despite starting ~100x too large.
+    assert start - objective(result.phi)[0] >= 0.5 * (start - objective(stable.phi)[0])
