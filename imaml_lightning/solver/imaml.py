@@ -149,9 +149,10 @@ def maml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
     g, (query_loss, (output, phi, before, norm)) = grad_and_value(
         query_loss_after_inner_loop, has_aux=True)(theta)
     phi = tree.detach(phi)
-    objective_after, _ = fn(phi, task.support_x, task.support_y)
-    diagnostics = {"inner_objective_before": before.detach(), "inner_objective_after": objective_after,
-                   "inner_grad_norm": norm.detach(), "support_loss_after": objective_after}
+    support_loss_after, _ = fn(phi, task.support_x, task.support_y)  # MAML's inner objective
+    diagnostics = {"inner_objective_before": before.detach(),
+                   "inner_objective_after": support_loss_after,
+                   "inner_grad_norm": norm.detach(), "support_loss_after": support_loss_after}
     diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, output.detach()))
     return g, diagnostics
 
