@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
+from imaml_lightning.allocator import keep_freed_memory
+
 from imaml_lightning.solver import Task
+
+keep_freed_memory()  # as the command line does (see imaml_lightning/allocator.py)
 
 
 def omniglot_shaped_tasks(tasks: int, ways: int, shots: int, queries: int, seed: int = 0) -> Task:

@@ -3,7 +3,9 @@ steps K, for iMAML (implicit gradient: flat in K) and MAML (backpropagation thro
 loop: grows with K), on one Omniglot 20-way 5-shot task with the conv-4.
 
 Each measurement runs in a fresh process: peak resident memory (ru_maxrss) minus the resident
-memory just before the meta-gradient, so imports and data do not count.
+memory just before the meta-gradient, so imports, the network and the data do not count (kernel
+workspaces created by the first call do, equally for every K). A process is capped at
+--limit-gib of address space: a run that needs more is reported as out of memory.
 Usage: python -m benchmarks.solver_memory [--steps 5 25 100 200] [--plot benchmarks/results/memory.png]
 """
 import argparse
@@ -32,32 +34,52 @@ def measure_one(algorithm: str, steps: int) -> dict:
     net = ConvNet(WAYS)
     tasks = omniglot_shaped_tasks(1, WAYS, SHOTS, QUERIES)
     config = IMAMLConfig(algorithm=algorithm, lam=2.0, inner_steps=steps, inner_lr=0.1, cg_steps=5)
-    meta_gradient(net, dict(net.named_parameters()), tasks, F.cross_entropy,
-                  IMAMLConfig(algorithm=algorithm, inner_steps=1))  # warm up kernels and allocator
     before = resident_mib()
-    meta_gradient(net, dict(net.named_parameters()), tasks, F.cross_entropy, config)
+    try:
+        meta_gradient(net, dict(net.named_parameters()), tasks, F.cross_entropy, config)
+    except (MemoryError, RuntimeError) as error:  # the address-space cap was hit
+        if "alloc" not in str(error) and not isinstance(error, MemoryError):
+            raise
+        return {"algorithm": algorithm, "steps": steps, "peak_mib": None}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"algorithm": algorithm, "steps": steps, "peak_mib": peak - before}
 
 
-def main(steps, plot):
+def measure_in_subprocess(algorithm: str, steps: int, limit_gib: float) -> dict:
+    limit = int(limit_gib * 2**30)
+    cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # noqa: E731
+    out = subprocess.run([sys.executable, "-m", "benchmarks.solver_memory", "--one", algorithm,
+                          str(steps)], capture_output=True, text=True, preexec_fn=cap)
+    if out.returncode != 0:  # killed, or an allocation failed outside the guarded call
+        return {"algorithm": algorithm, "steps": steps, "peak_mib": None}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cell(value, reference) -> list:
+    if value is None:
+        return ["out of memory", ""]
+    return [f"{value:.0f}", f"{value / reference:.2f}x" if reference else ""]
+
+
+def main(steps, plot, limit_gib):
     rows = []
     for algorithm in ("imaml", "maml"):
         for k in steps:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.solver_memory", "--one",
-                                  algorithm, str(k)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(measure_in_subprocess(algorithm, k, limit_gib))
             print(rows[-1], flush=True)
     print(machine())
     print(f"one Omniglot {WAYS}-way {SHOTS}-shot task, conv-4 (64 channels), {QUERIES} queries/class\n")
     by = {(r["algorithm"], r["steps"]): r["peak_mib"] for r in rows}
-    table = [[k, f"{by['imaml', k]:.0f}", f"{by['imaml', k] / by['imaml', steps[0]]:.2f}x",
-              f"{by['maml', k]:.0f}", f"{by['maml', k] / by['maml', steps[0]]:.2f}x"] for k in steps]
+    table = [[k, *cell(by["imaml", k], by["imaml", steps[0]]), *cell(by["maml", k], by["maml", steps[0]])]
+             for k in steps]
     print(markdown_table(["inner steps K", "iMAML peak MiB", f"vs K={steps[0]}",
                           "MAML peak MiB", f"vs K={steps[0]}"], table))
-    print(f"\ntarget: iMAML at K={steps[-1]} <= 1.1x its K={steps[0]} peak")
-    if plot:
-        save_line_plot(plot, steps, {a: [by[a, k] for k in steps] for a in ("imaml", "maml")},
+    print(f"\ntarget: iMAML at K={steps[-1]} <= 1.1x its K={steps[0]} peak; "
+          f"address space capped at {limit_gib:g} GiB per run")
+    if plot:  # out-of-memory runs are left off the curve
+        nan = float("nan")
+        save_line_plot(plot, steps, {a: [nan if by[a, k] is None else by[a, k] for k in steps]
+                                     for a in ("imaml", "maml")},
                        "inner steps K", "peak memory of one meta-gradient (MiB)",
                        f"Omniglot {WAYS}-way {SHOTS}-shot, conv-4")
 
@@ -66,9 +88,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 25, 100, 200])
     parser.add_argument("--plot", default="benchmarks/results/solver_memory.png")
+    parser.add_argument("--limit-gib", type=float, default=20.0)
     parser.add_argument("--one", nargs=2, metavar=("ALGORITHM", "STEPS"))
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
     else:
-        main(args.steps, args.plot)
+        main(args.steps, args.plot, args.limit_gib)

@@ -4,6 +4,7 @@ import sys
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
+from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.data import EpisodicDataModule
 from imaml_lightning.errors import find_setting_error
 from imaml_lightning.module import IMAML
@@ -37,10 +38,13 @@ TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,
     "log_every_n_steps": 10,
     "inference_mode": False,  # evaluation adapts to each task, which needs autograd
+    "use_distributed_sampler": False,  # the data module shards episodes across ranks itself
+    "plugins": [{"class_path": "imaml_lightning.checkpoint_io.AtomicCheckpointIO"}],
 }
 
 
 def main(args=None) -> None:
+    keep_freed_memory()
     try:
         IMAMLCLI(
             IMAML,

@@ -4,6 +4,8 @@ The algorithm itself lives in imaml_lightning.solver (plain PyTorch); this layer
 into solver calls, hands the meta-gradient to the optimizer through autograd (so distributed
 strategies reduce it) and logs what happens.
 """
+import math
+import time
 from typing import Callable, Literal, Optional
 
 import pytorch_lightning as pl
@@ -34,6 +36,9 @@ class IMAML(pl.LightningModule):
         inner_tol: a task stops adapting once the gradient norm of its inner objective is below.
         cg_steps / cg_tol: conjugate gradient for the implicit meta-gradient.
         outer_lr / adam_eps: Adam on the meta-parameters.
+        lr_schedule: "constant", or "cosine": outer_lr decays to 0 along a half cosine over
+            lr_schedule_steps meta-steps (default trainer.max_steps), which settles the
+            meta-parameters for the final checkpoint.
         test_inner_steps: inner steps at validation and test (default: inner_steps).
         chunk_size: tasks vectorized together (None: the whole meta-batch).
     """
@@ -54,6 +59,8 @@ class IMAML(pl.LightningModule):
         cg_tol: float = 0.0,
         outer_lr: float = 1e-3,
         adam_eps: float = 1e-8,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_schedule_steps: Optional[int] = None,
         test_inner_steps: Optional[int] = None,
         chunk_size: Optional[int] = None,
     ):
@@ -81,7 +88,15 @@ class IMAML(pl.LightningModule):
         self.checkpoint_step = 0  # meta-steps of the loaded checkpoint (validate/test report it)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr, eps=self.hparams.adam_eps)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr, eps=self.hparams.adam_eps)
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        total = self.hparams.lr_schedule_steps or self.trainer.max_steps
+        require(total > 0, "model.lr_schedule_steps", total,
+                "must be > 0 with model.lr_schedule=cosine (it defaults to trainer.max_steps)")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def params(self):
         return dict(self.net.named_parameters())
@@ -93,6 +108,7 @@ class IMAML(pl.LightningModule):
         return (outputs - targets).pow(2).flatten(1).mean(-1)
 
     def training_step(self, batch, batch_idx):
+        start = time.perf_counter()
         tasks = Task(*batch)
         params = self.params()
         result = meta_gradient(self.net, params, tasks, self.loss_fn, self.config,
@@ -103,16 +119,24 @@ class IMAML(pl.LightningModule):
                 f"meta-gradient became non-finite at step {self.global_step} because the inner "
                 f"loop diverged; lower model.inner_lr or raise model.lam ({self.config.lam})")
         optimizer = self.optimizers()
+        outer_lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad()
         self.manual_backward(surrogate_loss(params, result.grads))
         optimizer.step()
-        self.log_training(result, tasks.query_y)
+        schedule = self.lr_schedulers()
+        if schedule is not None:  # manual optimization steps the schedule itself
+            schedule.step()
+        seconds = time.perf_counter() - start
+        self.log_training(result, tasks.query_y, outer_lr, seconds)
 
-    def log_training(self, result, query_y: torch.Tensor) -> None:
+    def log_training(self, result, query_y: torch.Tensor, outer_lr: float, seconds: float) -> None:
         d = result.diagnostics
         metrics = {f"train/{name}": d[name].float().mean() for name in (
             "query_loss_before", "query_loss_after", "inner_objective_before",
             "inner_objective_after", "inner_grad_norm")}
+        metrics["train/outer_lr"] = float(outer_lr)
+        metrics["train/step_seconds"] = seconds  # the meta-step itself, without data loading
+        metrics["train/tasks_per_second"] = len(query_y) * self.trainer.world_size / seconds
         metrics["train/meta_grad_norm"] = torch.linalg.vector_norm(
             torch.cat([g.flatten() for g in result.grads.values()]))
         if "cg_residual_norms" in d:  # iMAML's implicit solve
@@ -144,7 +168,9 @@ class IMAML(pl.LightningModule):
     def log_score(self, stage: str, score: MeanConfidenceInterval) -> None:
         mean, ci = score.compute()
         name = f"{stage}/{self.score_name}"
-        self.log_dict({name: mean.float(), f"{name}_ci95": ci.float()}, prog_bar=stage == "val")
+        # Already gathered over every rank's episodes: averaging across ranks changes nothing.
+        self.log_dict({name: mean.float(), f"{name}_ci95": ci.float()}, prog_bar=stage == "val",
+                      sync_dist=True)
         score.reset()
         if stage == "test" or not self.trainer.sanity_checking:
             unit, factor = ("%", 100) if self.classification else ("", 1)
@@ -154,9 +180,30 @@ class IMAML(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.checkpoint_step = checkpoint.get("global_step", 0)
+        error = incompatibility(checkpoint, self.state_dict(), self.hparams)
+        if error:
+            raise SettingError(f"ckpt_path is invalid: {error}")
 
     def on_validation_epoch_end(self):
         self.log_score("val", self.val_score)
 
     def on_test_epoch_end(self):
         self.log_score("test", self.test_score)
+
+
+def incompatibility(checkpoint: dict, state_dict: dict, hparams) -> Optional[str]:
+    """Why a checkpoint's parameters cannot load into this model (None if they can), naming the
+    settings that differ, instead of the shape traceback load_state_dict would give."""
+    saved = checkpoint.get("state_dict", {})
+    problems = [f"{k} is {list(saved[k].shape)} there, {list(v.shape)} here"
+                for k, v in state_dict.items() if k in saved and saved[k].shape != v.shape]
+    problems += [f"{k} is missing there" for k in state_dict if k not in saved]
+    problems += [f"{k} is not in this model" for k in saved if k not in state_dict]
+    if not problems:
+        return None
+    saved_hparams = checkpoint.get("hyper_parameters", {})
+    differing = [f"{k}={saved_hparams[k]!r} there, {v!r} here" for k, v in hparams.items()
+                 if k in saved_hparams and saved_hparams[k] != v]
+    return (f"the checkpoint holds another network ({'; '.join(problems[:3])}); settings that "
+            f"differ: {', '.join(differing) or 'the network settings (--model.net)'}. Resume with "
+            f"the settings it was trained with (config.yaml in its lightning_logs version folder)")

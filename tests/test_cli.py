@@ -1,6 +1,7 @@
+"""End to end through the command line, as a user runs it."""
+import math
 import re
 
-"""End to end through the command line, as a user runs it."""
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -80,12 +81,22 @@ def test_baselines_and_inner_solvers_train_through_the_cli(workdir, algorithm, i
     assert ("train/cg_residual" in logged) == (algorithm == "imaml")
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--model.lam", "0", "model.lam=0.0 is invalid"),
-    ("--data.init_args.shots", "0", "data.shots=0 is invalid"),
-    ("--model.hf_cg_steps", "0", "model.hf_cg_steps=0 is invalid"),
+@pytest.mark.parametrize("flags, message", [
+    (["--model.lam", "0"], "model.lam=0.0 is invalid"),
+    (["--data.init_args.shots", "0"], "data.shots=0 is invalid"),
+    (["--model.hf_cg_steps", "0"], "model.hf_cg_steps=0 is invalid"),
+    (["--model.lr_schedule", "cosine", "--trainer.max_steps", "-1"],
+     "model.lr_schedule_steps=-1 is invalid: must be > 0 with model.lr_schedule=cosine"),
 ])
-def test_bad_setting_is_one_clear_error(workdir, flag, value, message):
+def test_bad_setting_is_one_clear_error(workdir, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *FAST_SINUSOID, flag, value])
+        main(["fit", *FAST_SINUSOID, *flags])
     assert message in str(exit_info.value.code)
+
+
+def test_cosine_schedule_decays_the_outer_learning_rate(workdir):
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "4", "--model.lr_schedule", "cosine",
+          "--model.outer_lr", "0.01"])
+    logged = scalars(workdir / "lightning_logs" / "version_0")["train/outer_lr"]
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)

@@ -63,9 +63,13 @@ class EpisodicDataModule(pl.LightningDataModule):
         return DataLoader(dataset, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, **kwargs)
 
+    def _world(self):
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        world, rank = self._world()
         require(self.meta_batch_size % world == 0, "data.meta_batch_size", self.meta_batch_size,
                 f"must be divisible by the number of processes ({world})")
         # The run's seed, as set by --seed_everything (Lightning exports it to every process).
@@ -74,10 +78,13 @@ class EpisodicDataModule(pl.LightningDataModule):
                                start_step=trainer.global_step if trainer else 0)
         return self._loader(stream, batch_size=None)
 
-    def val_dataloader(self) -> DataLoader:
-        episodes = FixedEpisodes(self.sampler, "val", self.val_episodes, self.eval_seed)
+    def _evaluation_loader(self, split: str, num_episodes: int) -> DataLoader:
+        world, rank = self._world()
+        episodes = FixedEpisodes(self.sampler, split, num_episodes, self.eval_seed, rank, world)
         return self._loader(episodes, batch_size=self.eval_batch_size)
 
+    def val_dataloader(self) -> DataLoader:
+        return self._evaluation_loader("val", self.val_episodes)
+
     def test_dataloader(self) -> DataLoader:
-        episodes = FixedEpisodes(self.sampler, "test", self.test_episodes, self.eval_seed)
-        return self._loader(episodes, batch_size=self.eval_batch_size)
+        return self._evaluation_loader("test", self.test_episodes)

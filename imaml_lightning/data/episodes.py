@@ -58,13 +58,19 @@ class EpisodeStream(IterableDataset):
 
 
 class FixedEpisodes(Dataset):
-    """The same `num_episodes` tasks for every run, method and world size (evaluation)."""
+    """The same `num_episodes` tasks for every run, method and world size (evaluation).
 
-    def __init__(self, sampler: TaskSampler, split: str, num_episodes: int, seed: int):
-        self.sampler, self.split, self.num_episodes, self.seed = sampler, split, num_episodes, seed
+    Rank r of W holds episodes r, r + W, r + 2W, ...: every episode is evaluated exactly once
+    (a DistributedSampler would pad the shares to equal length by repeating episodes).
+    """
+
+    def __init__(self, sampler: TaskSampler, split: str, num_episodes: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.sampler, self.split, self.seed = sampler, split, seed
+        self.indices = range(rank, num_episodes, world_size)
 
     def __len__(self) -> int:
-        return self.num_episodes
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> TaskTensors:
-        return self.sampler(self.split, task_generator(self.seed, self.split, index))
+        return self.sampler(self.split, task_generator(self.seed, self.split, self.indices[index]))

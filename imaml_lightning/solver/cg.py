@@ -12,23 +12,30 @@ from imaml_lightning.solver.tree import Params
 
 
 class CGResult(NamedTuple):
-    x: Params
+    x: Params  # the iterate with the smallest residual (or the last)
     residual_norms: torch.Tensor  # ||b - A x_k|| for k = 0..steps
     iterations: torch.Tensor  # CG steps actually taken
     negative_curvature: torch.Tensor  # stopped because p^T A p <= 0 (A not positive definite)
 
 
 def conjugate_gradient(
-    matvec: Callable[[Params], Params], b: Params, steps: int, tol: float = 0.0
+    matvec: Callable[[Params], Params], b: Params, steps: int, tol: float = 0.0,
+    smallest_residual: bool = True,
 ) -> CGResult:
     """Run at most `steps` CG iterations from x0 = 0; stop once ||r|| <= tol * ||b||.
 
     Where p^T A p <= 0 the current iterate is kept, as truncated CG does: A = I + H/lambda is
-    only positive definite near a minimizer of the inner problem.
+    only positive definite near a minimizer of the inner problem. Of the iterates, the one with
+    the smallest residual is returned (the last one if not `smallest_residual`, for callers
+    that search the step length themselves): where A is nearly singular along p, a step with tiny
+    positive curvature can be huge (meta-gradients 100x their usual norm were seen on Omniglot,
+    each one a jolt to Adam); its residual shows it. Where A is positive definite the residual
+    usually falls, and this is the last iterate.
     """
-    x = tree.zeros_like(b)
+    x = best = tree.zeros_like(b)
     r, p = b, b
     rs = tree.dot(r, r)
+    best_rs = rs
     threshold = tol**2 * rs
     active = rs > threshold
     norms = [rs.sqrt()]
@@ -47,6 +54,8 @@ def conjugate_gradient(
         p = tree.add(r, p, beta)
         iterations = iterations + active.to(rs.dtype)
         rs = torch.where(active, rs_next, rs)
+        better = rs < best_rs
+        best, best_rs = tree.where(better, x, best), torch.where(better, rs, best_rs)
         active = active & (rs > threshold)
         norms.append(rs.sqrt())
-    return CGResult(x, torch.stack(norms), iterations, negative)
+    return CGResult(best if smallest_residual else x, torch.stack(norms), iterations, negative)

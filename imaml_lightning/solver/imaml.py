@@ -105,13 +105,15 @@ def adapt(fn, theta: Params, task: Task, config: IMAMLConfig, inner_steps: Optio
     steps = config.inner_steps if inner_steps is None else inner_steps
     inner = solver(objective, theta, steps, config.inner_lr, tol=config.inner_tol,
                    hf_cg_steps=config.hf_cg_steps)
-    objective_after, loss_after = objective(inner.phi)
-    return inner.phi, {
-        "inner_objective_before": inner.objective_before,
-        "inner_objective_after": objective_after,
-        "inner_grad_norm": inner.gradient_norm,
-        "support_loss_after": loss_after,
-    }
+    return inner.phi, inner_diagnostics(inner)
+
+
+def inner_diagnostics(inner) -> dict:
+    return {"inner_objective_trace": inner.objective_trace,
+            "inner_objective_before": inner.objective_trace[0],
+            "inner_objective_after": inner.objective_trace[-1],
+            "inner_grad_norm": inner.gradient_norm,
+            "support_loss_after": inner.support_loss}
 
 
 def query_diagnostics(fn, theta: Params, phi: Params, task: Task, loss_after, output_after) -> dict:
@@ -123,14 +125,17 @@ def query_diagnostics(fn, theta: Params, phi: Params, task: Task, loss_after, ou
 def imaml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
     """g = (I + H/lam)^{-1} grad L(phi; Q) by CG, and the task's diagnostics."""
     phi, diagnostics = adapt(fn, theta, task, config)
-    query_grad, (query_loss, query_output) = grad_and_value(fn, has_aux=True)(
-        phi, task.query_x, task.query_y)
-    support_loss = lambda p: fn(p, task.support_x, task.support_y)[0]  # noqa: E731
+    # Under mixed precision only the inner loop runs in reduced precision: CG's recurrences lose
+    # conjugacy quickly in 16-bit, so the right-hand side and the Hessian products stay float32.
+    with torch.autocast(task.query_x.device.type, enabled=False):
+        query_grad, (query_loss, query_output) = grad_and_value(fn, has_aux=True)(
+            phi, task.query_x, task.query_y)
+        support_loss = lambda p: fn(p, task.support_x, task.support_y)[0]  # noqa: E731
 
-    def implicit_system(v: Params) -> Params:  # v -> (I + H/lam) v
-        return tree.add(v, hessian_vector_product(support_loss, phi, v), 1.0 / config.lam)
+        def implicit_system(v: Params) -> Params:  # v -> (I + H/lam) v
+            return tree.add(v, hessian_vector_product(support_loss, phi, v), 1.0 / config.lam)
 
-    cg = conjugate_gradient(implicit_system, query_grad, config.cg_steps, config.cg_tol)
+        cg = conjugate_gradient(implicit_system, query_grad, config.cg_steps, config.cg_tol)
     diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, query_output),
                        cg_residual_norms=cg.residual_norms, cg_iterations=cg.iterations,
                        cg_negative_curvature=cg.negative_curvature)
@@ -144,16 +149,12 @@ def maml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
         objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), start, 0.0)
         inner = gradient_descent(objective, start, config.inner_steps, config.inner_lr, config.inner_tol)
         loss, output = fn(inner.phi, task.query_x, task.query_y)
-        return loss, (output, inner.phi, inner.objective_before, inner.gradient_norm)
+        return loss, (output, inner)
 
-    g, (query_loss, (output, phi, before, norm)) = grad_and_value(
+    g, (query_loss, (output, inner)) = grad_and_value(
         query_loss_after_inner_loop, has_aux=True)(theta)
-    phi = tree.detach(phi)
-    support_loss_after, _ = fn(phi, task.support_x, task.support_y)  # MAML's inner objective
-    diagnostics = {"inner_objective_before": before.detach(),
-                   "inner_objective_after": support_loss_after,
-                   "inner_grad_norm": norm.detach(), "support_loss_after": support_loss_after}
-    diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, output.detach()))
+    diagnostics = inner_diagnostics(inner)  # MAML's inner objective is the plain support loss
+    diagnostics.update(query_diagnostics(fn, theta, inner.phi, task, query_loss, output))
     return g, diagnostics
 
 

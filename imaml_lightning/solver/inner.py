@@ -20,13 +20,16 @@ Objective = Callable[[Params], tuple]
 
 # Step sizes tried by the HF line search along the Newton direction; the best one that lowers G is
 # taken. A fixed list (rather than a backtracking loop) keeps the search vectorizable over tasks.
-LINE_SEARCH_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+# It reaches down to 2^-10 because where I + H/lam is nearly singular the truncated-CG direction
+# can be orders of magnitude too long (HF stalled on a tanh MLP with 1/16 as the shortest step).
+LINE_SEARCH_STEPS = tuple(2.0**-i for i in range(11))
 
 
 class InnerResult(NamedTuple):
     phi: Params
-    objective_before: torch.Tensor  # G(theta)
-    gradient_norm: torch.Tensor  # ||grad G|| at the last evaluated iterate
+    objective_trace: torch.Tensor  # G(phi_0 = theta), ..., G(phi_K): [steps + 1]
+    support_loss: torch.Tensor  # L(phi_K; S)
+    gradient_norm: torch.Tensor  # ||grad G|| at the last iterate where it was evaluated
 
 
 def _step_mask(norm: torch.Tensor, done: torch.Tensor, tol: float):
@@ -45,36 +48,44 @@ def gradient_descent(objective: Objective, theta: Params, steps: int, lr: float,
     plain gradient descent; it stops the inner loop from diverging where meta-training has made
     the loss sharper than 2 / lr, which otherwise ends in a non-finite meta-gradient.
     """
-    phi, done, first, norm = theta, torch.zeros((), dtype=torch.bool), None, None
+    phi, done, norm, trace = theta, torch.zeros((), dtype=torch.bool), None, []
     step_size = None  # per task, from the first value on
-    previous = None  # (phi, gradient, value) before the last step
+    previous = None  # (phi, gradient, value, loss) before the last step
     for _ in range(steps):
-        gradient, (value, _) = grad_and_value(objective, has_aux=True)(phi)
+        gradient, (value, loss) = grad_and_value(objective, has_aux=True)(phi)
         if previous is None:
-            first, step_size = value, torch.full_like(value, lr)
+            step_size = torch.full_like(value, lr)
         else:
             worse = ~(value <= previous[2])  # NaN counts as worse
-            phi, gradient, value = (tree.where(worse, previous[0], phi),
-                                    tree.where(worse, previous[1], gradient),
-                                    torch.where(worse, previous[2], value))
+            phi, gradient, value, loss = _keep_better(worse, previous, (phi, gradient, value, loss))
             step_size = torch.where(worse, step_size / 2, step_size)
         norm = tree.norm(gradient)
         done, move = _step_mask(norm, done, tol)
-        previous = (phi, gradient, value)
+        trace.append(value)
+        previous = (phi, gradient, value, loss)
         phi = tree.add(phi, gradient, -step_size * move)
-    if previous is not None:  # the last step is checked too
-        phi = tree.where(~(objective(phi)[0] <= previous[2]), previous[0], phi)
-    return _result(objective, theta, phi, first, norm)
+    if previous is None:
+        return _finish(objective, theta, trace, None)
+    value, loss = objective(phi)  # the last step is checked too
+    worse = ~(value <= previous[2])
+    phi, _, value, loss = _keep_better(worse, previous, (phi, previous[1], value, loss))
+    return InnerResult(phi, torch.stack(trace + [value]), loss, norm)
+
+
+def _keep_better(worse: torch.Tensor, previous: tuple, current: tuple) -> tuple:
+    """(phi, gradient, value, loss): the previous iterate's where the step made G worse."""
+    return tuple(tree.where(worse, a, b) if isinstance(a, dict) else torch.where(worse, a, b)
+                 for a, b in zip(previous, current))
 
 
 def adam(objective: Objective, theta: Params, steps: int, lr: float, tol: float = 0.0,
          betas=(0.9, 0.999), eps: float = 1e-8, **_) -> InnerResult:
     """Adam (Kingma & Ba) on G, with bias correction; fresh moments for every task."""
-    phi, done, first, norm = theta, torch.zeros((), dtype=torch.bool), None, None
+    phi, done, norm, trace = theta, torch.zeros((), dtype=torch.bool), None, []
     m, v = tree.zeros_like(theta), tree.zeros_like(theta)
     for t in range(1, steps + 1):
         gradient, (value, _) = grad_and_value(objective, has_aux=True)(phi)
-        first = value if first is None else first
+        trace.append(value)
         norm = tree.norm(gradient)
         done, move = _step_mask(norm, done, tol)
         m = {k: betas[0] * m[k] + (1 - betas[0]) * g for k, g in gradient.items()}
@@ -82,22 +93,23 @@ def adam(objective: Objective, theta: Params, steps: int, lr: float, tol: float 
         step = {k: (m[k] / (1 - betas[0] ** t)) / ((v[k] / (1 - betas[1] ** t)).sqrt() + eps)
                 for k in m}
         phi = tree.add(phi, step, -lr * move)
-    return _result(objective, theta, phi, first, norm)
+    return _finish(objective, phi, trace, norm)
 
 
 def hessian_free(objective: Objective, theta: Params, steps: int, lr: float = 1.0,
                  tol: float = 0.0, hf_cg_steps: int = 5, **_) -> InnerResult:
     """Hessian-free Newton (iMAML-HF): solve (H + lam I) d = -grad G with `hf_cg_steps` CG steps,
     then take the step size from LINE_SEARCH_STEPS (scaled by lr) that lowers G the most."""
-    phi, done, first, norm = theta, torch.zeros((), dtype=torch.bool), None, None
+    phi, done, norm, trace = theta, torch.zeros((), dtype=torch.bool), None, []
     value_only = lambda p: objective(p)[0]  # noqa: E731
     for _ in range(steps):
         gradient, (value, _) = grad_and_value(objective, has_aux=True)(phi)
-        first = value if first is None else first
+        trace.append(value)
         norm = tree.norm(gradient)
         done, move = _step_mask(norm, done, tol)
         newton = conjugate_gradient(lambda v: hessian_vector_product(value_only, phi, v),
-                                    tree.scale(gradient, -1.0), hf_cg_steps)
+                                    tree.scale(gradient, -1.0), hf_cg_steps,
+                                    smallest_residual=False)  # the line search sets the length
         # Negative curvature on the very first CG step leaves no Newton direction: descend instead.
         fallback = (newton.iterations == 0).to(value.dtype)
         direction = tree.add(tree.scale(newton.x, 1 - fallback), gradient, -fallback)
@@ -106,14 +118,14 @@ def hessian_free(objective: Objective, theta: Params, steps: int, lr: float = 1.
         best = candidates.argmin()
         size = torch.where(candidates[best] < value, sizes[best], 0.0)
         phi = tree.add(phi, direction, size * move)
-    return _result(objective, theta, phi, first, norm)
+    return _finish(objective, phi, trace, norm)
 
 
-def _result(objective, theta, phi, first, norm) -> InnerResult:
-    if first is None:  # zero steps: phi = theta
-        first, _ = objective(theta)
-        norm = torch.zeros_like(first)
-    return InnerResult(phi, first, norm)
+def _finish(objective: Objective, phi: Params, trace: list, norm) -> InnerResult:
+    """Evaluate G and L at the final iterate, which the loop has not seen."""
+    value, loss = objective(phi)
+    norm = torch.zeros_like(value) if norm is None else norm  # zero steps: phi = theta
+    return InnerResult(phi, torch.stack(trace + [value]), loss, norm)
 
 
 INNER_SOLVERS = {"gd": gradient_descent, "adam": adam, "hf": hessian_free}

@@ -49,3 +49,12 @@ def test_fixed_episodes_are_fixed_and_differ_between_splits():
     assert torch.equal(val[7][0], FixedEpisodes(SAMPLER, "val", 10, seed=0)[7][0])
     assert not torch.equal(val[7][0], val[8][0])
     assert not torch.equal(val[7][0], FixedEpisodes(SAMPLER, "test", 10, seed=0)[7][0])
+
+
+def test_fixed_episodes_are_shared_out_across_ranks_without_repeats():
+    whole = FixedEpisodes(SAMPLER, "val", 10, seed=0)
+    shards = [FixedEpisodes(SAMPLER, "val", 10, seed=0, rank=r, world_size=3) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 3, 3]
+    gathered = sorted((x for s in shards for x in s), key=lambda t: t[0].sum().item())
+    expected = sorted(whole, key=lambda t: t[0].sum().item())
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(gathered, expected))

@@ -71,3 +71,13 @@ def test_vmap_over_systems_matches_one_at_a_time():
         single, single_norms = solve(matrices[i], bs[i])
         torch.testing.assert_close(batched[i], single)
         torch.testing.assert_close(norms[i], single_norms)
+
+
+def test_a_huge_step_along_nearly_zero_curvature_is_not_returned():
+    """Indefinite A with p^T A p = 3e-6 > 0 on the first step: alpha ~ 2e6 sends x far off and
+    the residual up; the iterate with the smallest residual (here x0 = 0) is returned."""
+    matrix = torch.diag(torch.tensor([1.0] * 4 + [-4 / 3 + 1e-6] * 3, dtype=torch.float64))
+    b = as_params(torch.ones(7, dtype=torch.float64))
+    result = conjugate_gradient(matvec_of(matrix), b, steps=1)
+    assert result.residual_norms[1] > 1e5 * result.residual_norms[0]
+    assert all(v.abs().max() == 0 for v in result.x.values())

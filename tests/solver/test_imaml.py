@@ -136,3 +136,24 @@ def test_adaptation_fits_the_support_set():
 def test_invalid_settings_name_the_setting(setting, value):
     with pytest.raises(SettingError, match=setting):
         IMAMLConfig(**{setting: value})
+
+
+def test_under_autocast_only_the_inner_loop_runs_in_reduced_precision():
+    """bf16 autocast (mixed precision): the inner loop's forward passes are bfloat16, while the
+    query gradient and every Hessian-vector product of the CG solve are float32."""
+    torch.manual_seed(0)
+    model = MLP(1)
+    seen = []
+
+    def recording_loss(output, target):
+        seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+        return mse_loss(output.float(), target)
+
+    tasks = Task(*(torch.randn(2, 10, 1) for _ in range(4)))
+    config = IMAMLConfig(lam=1.0, inner_steps=3, inner_lr=0.01, cg_steps=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = meta_gradient(model, dict(model.named_parameters()), tasks, recording_loss, config)
+    # 3 inner gradients, the gd safeguard's final check, then the query gradient and 4 HVPs
+    assert seen[:3] == [(True, torch.bfloat16)] * 3
+    assert seen[4:9] == [(False, torch.float32)] * 5
+    assert all(torch.isfinite(g).all() for g in result.grads.values())
