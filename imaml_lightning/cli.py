@@ -1,8 +1,9 @@
 """`python -m imaml_lightning {fit,validate,test} --config configs/X.yaml [--model.X ...]`."""
+import json
 import sys
 
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.data import EpisodicDataModule
@@ -28,6 +29,27 @@ class IMAMLCLI(LightningCLI):
         parser.link_arguments("data.problem", "model.problem", apply_on="instantiate")
 
 
+class SaveConfigInCheckpoints(SaveConfigCallback):
+    """Writes config.yaml to the log folder (Lightning's behaviour) and hands the model and data
+    settings to the module, which records them in every checkpoint: a resume with settings that
+    change the network can then name them."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        config = self.config.clone().as_dict()
+        pl_module.run_settings = {k: json.dumps(v, default=str) for section in ("model", "data")
+                                  for k, v in flatten(config.get(section) or {}, section).items()}
+
+
+def flatten(tree: dict, prefix: str) -> dict:
+    """{"a": {"b": 1}} -> {"prefix.a.b": 1}"""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        flat.update(flatten(value, name) if isinstance(value, dict) else {name: value})
+    return flat
+
+
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
@@ -51,6 +73,7 @@ def main(args=None) -> None:
             EpisodicDataModule,
             subclass_mode_data=True,
             seed_everything_default=0,
+            save_config_callback=SaveConfigInCheckpoints,
             trainer_defaults=TRAINER_DEFAULTS,
             args=args,
         )

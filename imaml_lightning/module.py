@@ -86,6 +86,7 @@ class IMAML(pl.LightningModule):
         self.val_score = MeanConfidenceInterval()
         self.test_score = MeanConfidenceInterval()
         self.checkpoint_step = 0  # meta-steps of the loaded checkpoint (validate/test report it)
+        self.run_settings = {}  # model and data settings of this run (set by the command line)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr, eps=self.hparams.adam_eps)
@@ -178,9 +179,12 @@ class IMAML(pl.LightningModule):
             rank_zero_info(f"{name} = {factor * mean:.4g} ± {factor * ci:.2g}{unit} "
                            f"(95% CI) after {steps} meta-steps")
 
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["run_settings"] = self.run_settings
+
     def on_load_checkpoint(self, checkpoint):
         self.checkpoint_step = checkpoint.get("global_step", 0)
-        error = incompatibility(checkpoint, self.state_dict(), self.hparams)
+        error = incompatibility(checkpoint, self.state_dict(), self.run_settings)
         if error:
             raise SettingError(f"ckpt_path is invalid: {error}")
 
@@ -191,7 +195,7 @@ class IMAML(pl.LightningModule):
         self.log_score("test", self.test_score)
 
 
-def incompatibility(checkpoint: dict, state_dict: dict, hparams) -> Optional[str]:
+def incompatibility(checkpoint: dict, state_dict: dict, settings: dict) -> Optional[str]:
     """Why a checkpoint's parameters cannot load into this model (None if they can), naming the
     settings that differ, instead of the shape traceback load_state_dict would give."""
     saved = checkpoint.get("state_dict", {})
@@ -201,9 +205,9 @@ def incompatibility(checkpoint: dict, state_dict: dict, hparams) -> Optional[str
     problems += [f"{k} is not in this model" for k in saved if k not in state_dict]
     if not problems:
         return None
-    saved_hparams = checkpoint.get("hyper_parameters", {})
-    differing = [f"{k}={saved_hparams[k]!r} there, {v!r} here" for k, v in hparams.items()
-                 if k in saved_hparams and saved_hparams[k] != v]
+    saved = checkpoint.get("run_settings") or {}
+    differing = [f"{k}={saved[k]} there, {v} here" for k, v in settings.items()
+                 if k in saved and saved[k] != v]
     return (f"the checkpoint holds another network ({'; '.join(problems[:3])}); settings that "
-            f"differ: {', '.join(differing) or 'the network settings (--model.net)'}. Resume with "
-            f"the settings it was trained with (config.yaml in its lightning_logs version folder)")
+            f"differ: {', '.join(differing) or 'unknown (not recorded)'}. Resume with the settings "
+            f"it was trained with (config.yaml in its lightning_logs version folder)")

@@ -85,4 +85,5 @@ def test_resuming_with_another_network_shape_is_one_clear_error(tmp_path):
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ckpt_path is invalid: the checkpoint holds another network")
     assert "net.net.0.weight is [40, 1] there, [20, 1] here" in last_line
+    assert "model.net.init_args.hidden=[40, 40] there, [20, 20] here" in last_line
     assert "Traceback" not in run.stderr
