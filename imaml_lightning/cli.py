@@ -6,6 +6,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from imaml_lightning.allocator import keep_freed_memory
+from imaml_lightning.charts import TrainingCharts
 from imaml_lightning.data import EpisodicDataModule
 from imaml_lightning.errors import find_setting_error
 from imaml_lightning.module import IMAML
@@ -16,6 +17,7 @@ class IMAMLCLI(LightningCLI):
         # --checkpoint.dirpath moves checkpoints; the defaults keep the last one and the best by
         # validation score (configs for regression switch the monitor to val/mse, mode min).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TrainingCharts, "charts")  # --charts.every_n_steps
         parser.set_defaults({
             "checkpoint.dirpath": "checkpoints",
             "checkpoint.filename": "best-step{step}",

@@ -4,8 +4,10 @@ The algorithm itself lives in imaml_lightning.solver (plain PyTorch); this layer
 into solver calls, hands the meta-gradient to the optimizer through autograd (so distributed
 strategies reduce it) and logs what happens.
 """
+import json
 import math
 import time
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import pytorch_lightning as pl
@@ -129,6 +131,8 @@ class IMAML(pl.LightningModule):
             schedule.step()
         seconds = time.perf_counter() - start
         self.log_training(result, tasks.query_y, outer_lr, seconds)
+        curves = ("inner_objective_trace", "cg_residual_norms")  # for the TrainingCharts callback
+        return {k: result.diagnostics[k].mean(0) for k in curves if k in result.diagnostics}
 
     def log_training(self, result, query_y: torch.Tensor, outer_lr: float, seconds: float) -> None:
         d = result.diagnostics
@@ -138,6 +142,7 @@ class IMAML(pl.LightningModule):
         metrics["train/outer_lr"] = float(outer_lr)
         metrics["train/step_seconds"] = seconds  # the meta-step itself, without data loading
         metrics["train/tasks_per_second"] = len(query_y) * self.trainer.world_size / seconds
+        metrics["train/lam"] = self.config.lam
         metrics["train/meta_grad_norm"] = torch.linalg.vector_norm(
             torch.cat([g.flatten() for g in result.grads.values()]))
         if "cg_residual_norms" in d:  # iMAML's implicit solve
@@ -150,6 +155,7 @@ class IMAML(pl.LightningModule):
         self.log_dict(metrics, prog_bar=False)
         progress = metrics.get("train/acc_after", metrics["train/query_loss_after"])
         self.log(f"train/{self.score_name}", progress, prog_bar=True, logger=False)
+        self.log("tasks/s", metrics["train/tasks_per_second"], prog_bar=True, logger=False)
 
     def evaluate(self, batch, score: MeanConfidenceInterval) -> None:
         # Lightning may run evaluation under inference mode; adaptation needs autograd, and
@@ -167,17 +173,31 @@ class IMAML(pl.LightningModule):
         self.evaluate(batch, self.test_score)
 
     def log_score(self, stage: str, score: MeanConfidenceInterval) -> None:
-        mean, ci = score.compute()
+        mean, ci, episodes = score.compute()
         name = f"{stage}/{self.score_name}"
         # Already gathered over every rank's episodes: averaging across ranks changes nothing.
         self.log_dict({name: mean.float(), f"{name}_ci95": ci.float()}, prog_bar=stage == "val",
                       sync_dist=True)
         score.reset()
-        if stage == "test" or not self.trainer.sanity_checking:
-            unit, factor = ("%", 100) if self.classification else ("", 1)
-            steps = max(self.trainer.global_step, self.checkpoint_step)
-            rank_zero_info(f"{name} = {factor * mean:.4g} ± {factor * ci:.2g}{unit} "
-                           f"(95% CI) after {steps} meta-steps")
+        if self.trainer.sanity_checking:
+            return
+        unit, factor = ("%", 100) if self.classification else ("", 1)
+        steps = max(self.trainer.global_step, self.checkpoint_step)
+        rank_zero_info(f"{name} = {factor * mean:.4g} ± {factor * ci:.2g}{unit} "
+                       f"(95% CI) after {steps} meta-steps")
+        if self.trainer.state.fn != "fit":  # validate / test: a result file next to the logs
+            self.write_result(stage, {"metric": name, "mean": mean.item(), "ci95": ci.item(),
+                                      "episodes": episodes, "meta_steps": steps,
+                                      "checkpoint": self.trainer.ckpt_path})
+
+    def write_result(self, stage: str, result: dict) -> None:
+        folder = self.trainer.log_dir
+        if folder is None or not self.trainer.is_global_zero:
+            return
+        path = Path(folder) / f"{stage}_result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        rank_zero_info(f"result written to {path}")
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["run_settings"] = self.run_settings

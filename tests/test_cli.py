@@ -1,6 +1,9 @@
 """End to end through the command line, as a user runs it."""
+import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,9 +57,28 @@ def test_fit_writes_checkpoints_and_tensorboard_and_resumes(workdir):
 def test_test_reports_mean_and_confidence_interval(workdir, capsys, caplog):
     main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2"])
     main(["test", *FAST_SINUSOID, "--ckpt_path", "checkpoints/last.ckpt"])
-    assert re.search(r"test/mse = [0-9.]+ ± [0-9.]+ \(95% CI\) after 2 meta-steps", caplog.text)
+    printed = re.search(r"test/mse = ([0-9.]+) ± [0-9.]+ \(95% CI\) after 2 meta-steps", caplog.text)
+    assert printed
     table = capsys.readouterr().out
     assert "test/mse" in table and "test/mse_ci95" in table
+    result = json.loads((workdir / "lightning_logs/version_1/test_result.json").read_text())
+    assert result["metric"] == "test/mse" and result["episodes"] == 30 and result["meta_steps"] == 2
+    assert f"{result['mean']:.4g}" == printed.group(1) and result["ci95"] > 0
+    assert result["checkpoint"].endswith("last.ckpt")
+
+
+def test_tensorboard_shows_training_internals_and_charts(workdir):
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "4", "--charts.every_n_steps", "2"])
+    log_dir = workdir / "lightning_logs" / "version_0"
+    logged = scalars(log_dir)
+    assert [v for _, v in logged["train/lam"]] == [0.5] * 4
+    for tag in ("train/step_seconds", "train/tasks_per_second", "train/outer_lr",
+                "train/inner_objective_after", "train/cg_iterations"):
+        assert all(v > 0 and math.isfinite(v) for _, v in logged[tag]), tag
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    for tag in ("charts/inner_objective", "charts/cg_residual"):
+        assert [image.step for image in events.Images(tag)] == [0, 2], tag
 
 
 def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
@@ -100,3 +122,17 @@ def test_cosine_schedule_decays_the_outer_learning_rate(workdir):
     logged = scalars(workdir / "lightning_logs" / "version_0")["train/outer_lr"]
     expected = [0.01 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)
+
+
+def test_report_draws_curves_and_tabulates_results(workdir):
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "4"])
+    main(["test", *FAST_SINUSOID, "--ckpt_path", "checkpoints/last.ckpt"])
+    run = subprocess.run([sys.executable, "-m", "imaml_lightning", "report", "lightning_logs",
+                          "--out", "out"], capture_output=True, text=True, cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    assert (workdir / "out/report.png").stat().st_size > 10_000
+    table = (workdir / "out/report.md").read_text()
+    assert re.search(r"\| lightning_logs \| test/mse \| [0-9.]+ ± [0-9.]+ \| 30 \| 4 \|", table)
+    bad = subprocess.run([sys.executable, "-m", "imaml_lightning", "report", "nowhere"],
+                         capture_output=True, text=True, cwd=workdir)
+    assert bad.returncode != 0 and "runs=['nowhere'] is invalid" in bad.stderr

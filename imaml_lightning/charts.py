@@ -1,0 +1,54 @@
+"""Curves inside a meta-step, drawn into TensorBoard's IMAGES tab every few steps."""
+from typing import Dict, Optional
+
+import torch
+from pytorch_lightning import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from imaml_lightning.errors import require
+
+
+def line_figure(curves: Dict[str, torch.Tensor], xlabel: str, ylabel: str, log_y: bool = False):
+    import matplotlib
+    matplotlib.use("Agg")  # no display; TensorBoard receives the rendered pixels
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4, 3))
+    axes = figure.subplots()
+    for label, values in curves.items():
+        axes.plot(range(len(values)), values.float().cpu().numpy(), "o-", markersize=3, label=label)
+    axes.set(xlabel=xlabel, ylabel=ylabel, yscale="log" if log_y else "linear")
+    if len(curves) > 1:
+        axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+class TrainingCharts(Callback):
+    """Every `every_n_steps` meta-steps (0: never): the inner objective G against the inner step
+    and the CG residual norm against the CG iteration, each averaged over the meta-batch.
+
+    Reads the curves the module's training_step returns (`inner_objective_trace`,
+    `cg_residual_norms`); only rank 0 draws, and only into a TensorBoardLogger.
+    """
+
+    def __init__(self, every_n_steps: int = 100):
+        require(every_n_steps >= 0, "charts.every_n_steps", every_n_steps, "must be >= 0 (0: off)")
+        self.every_n_steps = every_n_steps
+
+    def _writer(self, trainer) -> Optional[object]:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        return loggers[0].experiment if loggers and trainer.is_global_zero else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the step that just ran, as the scalars are logged
+        writer = self._writer(trainer)
+        if not self.every_n_steps or step % self.every_n_steps or writer is None or not outputs:
+            return
+        writer.add_figure("charts/inner_objective", line_figure(
+            {"G(phi_k), mean over tasks": outputs["inner_objective_trace"]},
+            "inner step k", "proximal objective G"), global_step=step)
+        if "cg_residual_norms" in outputs:
+            writer.add_figure("charts/cg_residual", line_figure(
+                {"||r_k||, mean over tasks": outputs["cg_residual_norms"]},
+                "CG iteration k", "residual norm", log_y=True), global_step=step)
