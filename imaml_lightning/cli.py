@@ -55,7 +55,8 @@ def flatten(tree: dict, prefix: str) -> dict:
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": ".", "name": "lightning_logs"},
+        # The module logs the hyperparameters itself, with its score as the HPARAMS metric.
+        "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
     },
     "max_steps": 1000,
     "val_check_interval": 100,  # training steps between validations (the stream is endless)

@@ -132,7 +132,10 @@ class IMAML(pl.LightningModule):
         seconds = time.perf_counter() - start
         self.log_training(result, tasks.query_y, outer_lr, seconds)
         curves = ("inner_objective_trace", "cg_residual_norms")  # for the TrainingCharts callback
-        return {k: result.diagnostics[k].mean(0) for k in curves if k in result.diagnostics}
+        outputs = {k: result.diagnostics[k].mean(0) for k in curves if k in result.diagnostics}
+        if self.classification:  # the first task's query predictions, for the episode picture
+            outputs["query_predictions"] = result.diagnostics["query_output_after"][0].argmax(-1)
+        return outputs
 
     def log_training(self, result, query_y: torch.Tensor, outer_lr: float, seconds: float) -> None:
         d = result.diagnostics
@@ -176,7 +179,8 @@ class IMAML(pl.LightningModule):
         mean, ci, episodes = score.compute()
         name = f"{stage}/{self.score_name}"
         # Already gathered over every rank's episodes: averaging across ranks changes nothing.
-        self.log_dict({name: mean.float(), f"{name}_ci95": ci.float()}, prog_bar=stage == "val",
+        self.log_dict({name: mean.float(), f"{name}_ci95": ci.float(),
+                       f"hp/{stage}_{self.score_name}": mean.float()}, prog_bar=stage == "val",
                       sync_dist=True)
         score.reset()
         if self.trainer.sanity_checking:
@@ -207,6 +211,21 @@ class IMAML(pl.LightningModule):
         error = incompatibility(checkpoint, self.state_dict(), self.run_settings)
         if error:
             raise SettingError(f"ckpt_path is invalid: {error}")
+
+    def on_fit_start(self):
+        self.log_hyperparameters("val")
+
+    def on_test_start(self):
+        self.log_hyperparameters("test")
+
+    def log_hyperparameters(self, stage: str) -> None:
+        """Every model and data setting in TensorBoard's HPARAMS tab, next to the run's score
+        (`hp/val_acc` follows each validation, `hp/test_acc` the test), so runs can be compared."""
+        settings = {k: json.loads(v) for k, v in self.run_settings.items()} or dict(self.hparams)
+        settings = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                    for k, v in settings.items()}
+        for logger in self.loggers:
+            logger.log_hyperparams(settings, {f"hp/{stage}_{self.score_name}": float("nan")})
 
     def on_validation_epoch_end(self):
         self.log_score("val", self.val_score)

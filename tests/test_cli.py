@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from imaml_lightning.cli import main
 
@@ -87,11 +88,15 @@ def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
           "--data.init_args.meta_batch_size", "2", "--data.init_args.val_episodes", "4",
           "--model.inner_steps", "2", "--model.net.init_args.hidden", "8",
           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-          "--trainer.enable_progress_bar", "false"])
+          "--trainer.enable_progress_bar", "false", "--charts.every_n_steps", "1"])
     checkpoint = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=False)
     # 5 classes from the data; 8 channels x 2 x 2 flattened features from --model.net.init_args.hidden
     assert checkpoint["state_dict"]["net.classifier.weight"].shape == (5, 32)
     assert "val/acc" in scalars(workdir / "lightning_logs" / "version_0")
+    events = EventAccumulator(str(workdir / "lightning_logs" / "version_0"))
+    events.Reload()
+    pictures = events.Images("charts/episode")  # one episode's images with their predicted labels
+    assert [p.step for p in pictures] == [0, 1] and pictures[0].width > 300
 
 
 @pytest.mark.parametrize("algorithm, inner_solver", [("maml", "gd"), ("reptile", "adam"), ("imaml", "hf")])
@@ -136,3 +141,19 @@ def test_report_draws_curves_and_tabulates_results(workdir):
     bad = subprocess.run([sys.executable, "-m", "imaml_lightning", "report", "nowhere"],
                          capture_output=True, text=True, cwd=workdir)
     assert bad.returncode != 0 and "runs=['nowhere'] is invalid" in bad.stderr
+
+
+def test_hparams_tab_holds_the_settings_and_the_score(workdir):
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "4"])
+    events = EventAccumulator(str(workdir / "lightning_logs" / "version_0"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = session.session_start_info.hparams
+    assert hparams["model.lam"].number_value == 0.5
+    assert hparams["data.init_args.shots"].number_value == 10
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/val_mse"]
+    logged = scalars(workdir / "lightning_logs" / "version_0")
+    placeholder, *scores = logged["hp/val_mse"]  # NaN until the first validation
+    assert math.isnan(placeholder[1]) and scores == logged["val/mse"]
