@@ -8,12 +8,17 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from imaml_lightning.errors import require
 
 
-def line_figure(curves: Dict[str, torch.Tensor], xlabel: str, ylabel: str, log_y: bool = False):
+def new_figure(width: float, height: float):
+    """A matplotlib figure that needs no display (rendered to pixels or files only)."""
     import matplotlib
-    matplotlib.use("Agg")  # no display; TensorBoard receives the rendered pixels
+    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4, 3))
+    return Figure(figsize=(width, height))
+
+
+def line_figure(curves: Dict[str, torch.Tensor], xlabel: str, ylabel: str, log_y: bool = False):
+    figure = new_figure(4, 3)
     axes = figure.subplots()
     for label, values in curves.items():
         axes.plot(range(len(values)), values.float().cpu().numpy(), "o-", markersize=3, label=label)
@@ -27,17 +32,13 @@ def line_figure(curves: Dict[str, torch.Tensor], xlabel: str, ylabel: str, log_y
 def episode_figure(batch, query_predictions: torch.Tensor, max_images: int = 10):
     """The meta-batch's first task: support images with their labels, then query images with
     true and predicted (after adaptation) labels; wrong predictions in red."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     support_x, support_y, query_x, query_y = (t[0].detach().cpu() for t in batch)
     panels = [(x, f"support: {y}", "black") for x, y in zip(support_x[:max_images], support_y.tolist())]
     panels += [(x, f"query: {y} -> {p}", "black" if y == p else "red")
                for x, y, p in zip(query_x[:max_images], query_y.tolist(), query_predictions.tolist())]
     columns = min(len(panels), 10)
     rows = -(-len(panels) // columns)
-    figure = Figure(figsize=(1.3 * columns, 1.5 * rows))
+    figure = new_figure(1.3 * columns, 1.5 * rows)
     for i, (image, title, color) in enumerate(panels):
         axes = figure.add_subplot(rows, columns, i + 1)
         pixels = image.permute(1, 2, 0).float().numpy()

@@ -12,6 +12,7 @@ from typing import Dict, List, Tuple
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from imaml_lightning.charts import new_figure
 
 CURVES = (("val/acc", "val/mse"), ("train/acc_after", "train/query_loss_after"))
 
@@ -45,12 +46,8 @@ def markdown(runs: Dict[str, Path]) -> str:
 
 
 def plot(runs: Dict[str, Path], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     scalars = {name: read_scalars(run) for name, run in runs.items()}
-    figure = Figure(figsize=(9, 3.5))
+    figure = new_figure(9, 3.5)
     for axes, candidates in zip(figure.subplots(1, 2), CURVES):
         for name, series in scalars.items():
             tag = next((t for t in candidates if t in series), None)

@@ -54,8 +54,9 @@ def conjugate_gradient(
         p = tree.add(r, p, beta)
         iterations = iterations + active.to(rs.dtype)
         rs = torch.where(active, rs_next, rs)
-        better = rs < best_rs
-        best, best_rs = tree.where(better, x, best), torch.where(better, rs, best_rs)
+        if smallest_residual:  # bookkeeping only callers that use it pay for
+            better = rs < best_rs
+            best, best_rs = tree.where(better, x, best), torch.where(better, rs, best_rs)
         active = active & (rs > threshold)
         norms.append(rs.sqrt())
     return CGResult(best if smallest_residual else x, torch.stack(norms), iterations, negative)
