@@ -114,8 +114,9 @@ class IMAML(pl.LightningModule):
         start = time.perf_counter()
         tasks = Task(*batch)
         params = self.params()
+        logs = self.logs_this_step()
         result = meta_gradient(self.net, params, tasks, self.loss_fn, self.config,
-                               self.hparams.chunk_size)
+                               self.hparams.chunk_size, diagnose_before=logs)
         if not all(torch.isfinite(g).all() for g in result.grads.values()):
             raise SettingError(
                 f"model.inner_lr={self.config.inner_lr} is invalid for this problem: the "
@@ -130,12 +131,20 @@ class IMAML(pl.LightningModule):
         if schedule is not None:  # manual optimization steps the schedule itself
             schedule.step()
         seconds = time.perf_counter() - start
-        self.log_training(result, tasks.query_y, outer_lr, seconds)
+        if logs:
+            self.log_training(result, tasks.query_y, outer_lr, seconds)
+        self.log_progress(result, tasks.query_y, seconds)
         curves = ("inner_objective_trace", "cg_residual_norms")  # for the TrainingCharts callback
         outputs = {k: result.diagnostics[k].mean(0) for k in curves if k in result.diagnostics}
         if self.classification:  # the first task's query predictions, for the episode picture
             outputs["query_predictions"] = result.diagnostics["query_output_after"][0].argmax(-1)
         return outputs
+
+    def logs_this_step(self) -> bool:
+        """Whether this step's scalars reach a logger (every trainer.log_every_n_steps): only
+        then are the diagnostics that cost extra work (the query pass before adaptation)
+        computed. Lightning's own test, which is not public API."""
+        return bool(self.loggers) and self.trainer._logger_connector.should_update_logs
 
     def log_training(self, result, query_y: torch.Tensor, outer_lr: float, seconds: float) -> None:
         d = result.diagnostics
@@ -156,9 +165,15 @@ class IMAML(pl.LightningModule):
             metrics["train/acc_before"] = self.episode_scores(d["query_output_before"], query_y).mean()
             metrics["train/acc_after"] = self.episode_scores(d["query_output_after"], query_y).mean()
         self.log_dict(metrics, prog_bar=False)
-        progress = metrics.get("train/acc_after", metrics["train/query_loss_after"])
+
+    def log_progress(self, result, query_y: torch.Tensor, seconds: float) -> None:
+        """The progress bar's meta-train score after adaptation and tasks/s, every step."""
+        d = result.diagnostics
+        progress = (self.episode_scores(d["query_output_after"], query_y).mean()
+                    if self.classification else d["query_loss_after"].mean())
         self.log(f"train/{self.score_name}", progress, prog_bar=True, logger=False)
-        self.log("tasks/s", metrics["train/tasks_per_second"], prog_bar=True, logger=False)
+        self.log("tasks/s", len(query_y) * self.trainer.world_size / seconds, prog_bar=True,
+                 logger=False)
 
     def evaluate(self, batch, score: MeanConfidenceInterval) -> None:
         # Lightning may run evaluation under inference mode; adaptation needs autograd, and

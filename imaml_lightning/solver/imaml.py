@@ -116,12 +116,6 @@ def inner_diagnostics(inner) -> dict:
             "support_loss_after": inner.support_loss}
 
 
-def query_diagnostics(fn, theta: Params, phi: Params, task: Task, loss_after, output_after) -> dict:
-    loss_before, output_before = fn(theta, task.query_x, task.query_y)
-    return {"query_loss_before": loss_before, "query_output_before": output_before,
-            "query_loss_after": loss_after, "query_output_after": output_after}
-
-
 def imaml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
     """g = (I + H/lam)^{-1} grad L(phi; Q) by CG, and the task's diagnostics."""
     phi, diagnostics = adapt(fn, theta, task, config)
@@ -136,7 +130,7 @@ def imaml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
             return tree.add(v, hessian_vector_product(support_loss, phi, v), 1.0 / config.lam)
 
         cg = conjugate_gradient(implicit_system, query_grad, config.cg_steps, config.cg_tol)
-    diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, query_output),
+    diagnostics.update(query_loss_after=query_loss, query_output_after=query_output,
                        cg_residual_norms=cg.residual_norms, cg_iterations=cg.iterations,
                        cg_negative_curvature=cg.negative_curvature)
     return cg.x, diagnostics
@@ -154,7 +148,7 @@ def maml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
     g, (query_loss, (output, inner)) = grad_and_value(
         query_loss_after_inner_loop, has_aux=True)(theta)
     diagnostics = inner_diagnostics(inner)  # MAML's inner objective is the plain support loss
-    diagnostics.update(query_diagnostics(fn, theta, inner.phi, task, query_loss, output))
+    diagnostics.update(query_loss_after=query_loss, query_output_after=output)
     return g, diagnostics
 
 
@@ -162,7 +156,7 @@ def fomaml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
     """grad L(phi; Q): MAML without the second-order terms."""
     phi, diagnostics = adapt(fn, theta, task, config)
     g, (query_loss, output) = grad_and_value(fn, has_aux=True)(phi, task.query_x, task.query_y)
-    diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, output))
+    diagnostics.update(query_loss_after=query_loss, query_output_after=output)
     return g, diagnostics
 
 
@@ -170,7 +164,7 @@ def reptile_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
     """theta - phi: Reptile's update direction, handed to the outer optimizer as a gradient."""
     phi, diagnostics = adapt(fn, theta, task, config)
     query_loss, output = fn(phi, task.query_x, task.query_y)
-    diagnostics.update(query_diagnostics(fn, theta, phi, task, query_loss, output))
+    diagnostics.update(query_loss_after=query_loss, query_output_after=output)
     return tree.add(theta, phi, -1.0), diagnostics
 
 
@@ -190,13 +184,23 @@ def meta_gradient(
     loss_fn: LossFn,
     config: IMAMLConfig,
     chunk_size: Optional[int] = None,
+    diagnose_before: bool = True,
 ) -> MetaGradient:
     """Average meta-gradient of a meta-batch (tasks with a leading task dimension), all tasks
-    computed together by torch.func.vmap (`chunk_size` tasks at a time)."""
+    computed together by torch.func.vmap (`chunk_size` tasks at a time).
+
+    diagnose_before adds the query loss and outputs before adaptation to the diagnostics: one
+    more forward pass of the query sets, which callers that log only now and then can skip."""
     fn = loss_and_output(model, loss_fn)
+    theta = tree.detach(params)
     per_task = vmap(lambda theta, task: task_meta_gradient(fn, theta, task, config),
                     in_dims=(None, 0), chunk_size=chunk_size, randomness="different")
-    grads, diagnostics = per_task(tree.detach(params), tasks)
+    grads, diagnostics = per_task(theta, tasks)
+    if diagnose_before:
+        with torch.no_grad():
+            loss, output = vmap(lambda task: fn(theta, task.query_x, task.query_y),
+                                chunk_size=chunk_size, randomness="different")(tasks)
+        diagnostics.update(query_loss_before=loss, query_output_before=output)
     return MetaGradient({k: g.mean(0) for k, g in grads.items()}, diagnostics)
 
 
@@ -204,8 +208,13 @@ def meta_gradient_loop(model, params, tasks, loss_fn, config) -> MetaGradient:
     """Reference implementation, one task at a time (for tests and benchmarks)."""
     fn = loss_and_output(model, loss_fn)
     theta = tree.detach(params)
-    results = [task_meta_gradient(fn, theta, Task(*(t[i] for t in tasks)), config)
-               for i in range(len(tasks.support_x))]
+    results = []
+    for i in range(len(tasks.support_x)):
+        task = Task(*(t[i] for t in tasks))
+        g, diagnostics = task_meta_gradient(fn, theta, task, config)
+        with torch.no_grad():
+            loss, output = fn(theta, task.query_x, task.query_y)
+        results.append((g, dict(diagnostics, query_loss_before=loss, query_output_before=output)))
     grads = {k: torch.stack([g[k] for g, _ in results]).mean(0) for k in theta}
     diagnostics = {k: torch.stack([d[k] for _, d in results]) for k in results[0][1]}
     return MetaGradient(grads, diagnostics)

@@ -149,7 +149,10 @@ def test_vmap_equals_the_per_task_loop(algorithm):
     loop = meta_gradient_loop(model, params, tasks, F.cross_entropy, config)
     for name, grad in batched.grads.items():
         torch.testing.assert_close(grad, loop.grads[name], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(batched.diagnostics["query_loss_after"], loop.diagnostics["query_loss_after"])
+    for name in ("query_loss_after", "query_loss_before", "query_output_before"):
+        torch.testing.assert_close(batched.diagnostics[name], loop.diagnostics[name])
+    assert not torch.allclose(batched.diagnostics["query_loss_before"],
+                              batched.diagnostics["query_loss_after"])
     chunked = meta_gradient(model, params, tasks, F.cross_entropy, config, chunk_size=2)
     for name, grad in batched.grads.items():
         torch.testing.assert_close(grad, chunked.grads[name], rtol=1e-4, atol=1e-6)
@@ -191,3 +194,15 @@ def test_gradient_descent_safeguard_stops_divergence():
     assert torch.isfinite(objective(result.phi)[0])
     # Half of what a well-chosen step size achieves, despite starting ~100x too large.
     assert start - objective(result.phi)[0] >= 0.5 * (start - objective(stable.phi)[0])
+
+
+def test_the_query_pass_before_adaptation_can_be_skipped():
+    torch.manual_seed(0)
+    model = ConvNet(5, hidden=16)
+    params, tasks = dict(model.named_parameters()), omniglot_like_tasks()
+    config = IMAMLConfig(inner_steps=2, cg_steps=2)
+    full = meta_gradient(model, params, tasks, F.cross_entropy, config)
+    lean = meta_gradient(model, params, tasks, F.cross_entropy, config, diagnose_before=False)
+    assert "query_loss_before" in full.diagnostics and "query_loss_before" not in lean.diagnostics
+    for name, grad in full.grads.items():
+        assert torch.equal(grad, lean.grads[name])
