@@ -2,30 +2,34 @@
 
 Reads the official folder layout (ROOT/images_background, ROOT/images_evaluation, or the same
 under ROOT/omniglot-py as torchvision stores it), downloads the official archives with
-torchvision when absent, and caches the 28x28 images as one uint8 tensor outside ROOT.
+torchvision when absent (it verifies the archives' MD5 checksums), and caches the 28x28 images
+as one uint8 tensor outside ROOT.
 
-Split ("paper" protocol of the MAML line of work): all 1623 characters, ordered by the SHA-256
-of "<alphabet>/<character>" -- a fixed order that no seed, library version or directory listing
-can change -- the first 1100 for meta-training, the next 100 for meta-validation and the last
-423 for meta-testing. Each character rotated by 0, 90, 180 and 270 degrees gives four classes.
+Splits, fixed by the names alone (no seed, library version or directory listing changes them):
+- "paper" (the MAML line of work): all 1623 characters ordered by the SHA-256 of
+  "<alphabet>/<character>", the first 1100 for meta-training, the next 100 for meta-validation
+  and the last 423 for meta-testing.
+- "alphabet": meta-test on the 659 characters of the 20 evaluation alphabets; of the 30
+  background alphabets the last 5 in SHA-256 order of their names validate, the others train.
+  No alphabet is shared between splits, which makes the test harder.
 """
 import hashlib
-import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from imaml_lightning.data.base import EpisodicDataModule
-from imaml_lightning.data.episodes import TaskTensors
+from imaml_lightning.data.cache import cached, default_cache_dir, fingerprint
+from imaml_lightning.data.images import ROTATION_MODES, ClassificationTasks, LabeledImages
 from imaml_lightning.errors import SettingError, require
 
 SETS = ("images_background", "images_evaluation")
 DRAWERS = 20  # images per character
-SPLIT_SIZES = {"train": 1100, "val": 100, "test": 423}
-ROTATIONS = 4
+PAPER_SPLIT_SIZES = {"train": 1100, "val": 100, "test": 423}
+VAL_ALPHABETS = 5  # of the 30 background alphabets, for the alphabet split
 
 
 def locate(root: Path) -> Optional[Path]:
@@ -67,16 +71,38 @@ def character_name(files: List[Path]) -> str:
     return f"{files[0].parent.parent.name}/{files[0].parent.name}"
 
 
+def ranked(names: List[str]) -> List[int]:
+    """Indices of names in SHA-256 order: fixed by the names alone."""
+    return sorted(range(len(names)), key=lambda i: hashlib.sha256(names[i].encode()).digest())
+
+
 def paper_split(characters: List[List[Path]]) -> Dict[str, torch.Tensor]:
     names = [character_name(f) for f in characters]
-    require(len(names) == sum(SPLIT_SIZES.values()), "data.root", len(names),
+    require(len(names) == sum(PAPER_SPLIT_SIZES.values()), "data.root", len(names),
             "the paper split needs all 1623 Omniglot characters")
-    order = sorted(range(len(names)), key=lambda i: hashlib.sha256(names[i].encode()).digest())
+    order = ranked(names)
     splits, start = {}, 0
-    for split, size in SPLIT_SIZES.items():
+    for split, size in PAPER_SPLIT_SIZES.items():
         splits[split] = torch.tensor(sorted(order[start:start + size]))
         start += size
     return splits
+
+
+def alphabet_split(characters: List[List[Path]]) -> Dict[str, torch.Tensor]:
+    """Meta-test on the 20 evaluation alphabets; of the 30 background alphabets, the
+    VAL_ALPHABETS last in SHA-256 order of their names validate and the rest train."""
+    in_set = {s: [i for i, f in enumerate(characters) if f[0].parents[2].name == s] for s in SETS}
+    alphabets = sorted({characters[i][0].parent.parent.name for i in in_set[SETS[0]]})
+    require(len(alphabets) == 30 and len(in_set[SETS[1]]) > 0, "data.root", len(alphabets),
+            "the alphabet split needs Omniglot's 30 background and 20 evaluation alphabets")
+    val = {alphabets[i] for i in ranked(alphabets)[-VAL_ALPHABETS:]}
+    is_val = [characters[i][0].parent.parent.name in val for i in in_set[SETS[0]]]
+    return {"train": torch.tensor([i for i, v in zip(in_set[SETS[0]], is_val) if not v]),
+            "val": torch.tensor([i for i, v in zip(in_set[SETS[0]], is_val) if v]),
+            "test": torch.tensor(in_set[SETS[1]])}
+
+
+SPLITS = {"paper": paper_split, "alphabet": alphabet_split}
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -88,60 +114,30 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise SettingError(f"data.root: cannot read image {path} ({error})") from None
 
 
-def cache_key(characters: List[List[Path]], size: int) -> str:
-    digest = hashlib.sha256(f"v1/{size}".encode())
-    for path in (p for files in characters for p in files):
-        stat = path.stat()
-        digest.update(f"{character_name([path])}/{path.name}/{stat.st_size}/{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+def load_images(base: Path, characters: List[List[Path]], size: int, cache_dir: Path) -> LabeledImages:
+    """All images as uint8 [characters * 20, 1, size, size], cached under cache_dir."""
+    files = [p for f in characters for p in f]
+    key = fingerprint(files, base, f"omniglot/v2/{size}")
 
+    def build():
+        images = np.stack([load_image(p, size) for p in files])
+        return {"images": torch.from_numpy(images).unsqueeze(1)}
 
-def load_images(characters: List[List[Path]], size: int, cache_dir: Path) -> torch.Tensor:
-    """uint8 tensor [characters, drawers, size, size], cached under cache_dir (never in ROOT)."""
-    cache = cache_dir / f"omniglot-{size}px-{cache_key(characters, size)}.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True)
-    images = torch.from_numpy(np.stack([
-        np.stack([load_image(p, size) for p in files]) for files in characters
-    ]))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save(images, partial)
-    partial.replace(cache)  # atomic: a killed run never leaves a truncated cache behind
-    return images
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imaml_lightning"
-
-
-class OmniglotTasks:
-    """Samples N-way K-shot tasks by tensor indexing into the in-memory image tensor."""
-
-    def __init__(self, images: torch.Tensor, splits: Dict[str, torch.Tensor],
-                 ways: int, shots: int, queries: int):
-        # All four rotations precomputed: [characters, rotation, drawer, H, W].
-        self.images = torch.stack([images.rot90(k, dims=(-2, -1)) for k in range(ROTATIONS)], 1)
-        self.splits, self.ways, self.shots, self.queries = splits, ways, shots, queries
-
-    def __call__(self, split: str, generator: torch.Generator) -> TaskTensors:
-        characters = self.splits[split]
-        classes = torch.randperm(len(characters) * ROTATIONS, generator=generator)[: self.ways]
-        draws = torch.rand(self.ways, DRAWERS, generator=generator).argsort(1)
-        draws = draws[:, : self.shots + self.queries]
-        x = self.images[characters[classes // ROTATIONS, None], classes[:, None] % ROTATIONS, draws]
-        x = x.unsqueeze(2).float().div_(255)  # [ways, shots + queries, 1, H, W]
-        labels = torch.arange(self.ways)
-        return (x[:, : self.shots].flatten(0, 1), labels.repeat_interleave(self.shots),
-                x[:, self.shots:].flatten(0, 1), labels.repeat_interleave(self.queries))
+    images = cached(cache_dir / f"omniglot-{size}px-{key}.pt", build)["images"]
+    members = list(torch.arange(len(files)).view(len(characters), DRAWERS))
+    return LabeledImages(images, members, [character_name(f) for f in characters])
 
 
 class OmniglotDataModule(EpisodicDataModule):
-    """N-way K-shot Omniglot with the paper split (see the module docstring).
+    """N-way K-shot Omniglot (see the module docstring for the splits).
 
     Args:
         root: dataset folder; downloaded into it when absent and `download` is true.
         ways / shots / queries: classes per task, support and query images per class.
+        split: "paper" (1100/100/423 characters of all 50 alphabets) or "alphabet" (train and
+            validation on the background alphabets, test on the 20 evaluation alphabets).
+        rotations: "classes" (each rotation by 90 degrees * k is a class of its own: the MAML
+            protocol), "augment" (each class of a task under one random rotation) or "none".
         image_size: side of the resized images.
         cache_dir: where the preprocessed tensor is kept (default ~/.cache/imaml_lightning).
         Episode and loader settings: see EpisodicDataModule.
@@ -153,21 +149,25 @@ class OmniglotDataModule(EpisodicDataModule):
         ways: int = 5,
         shots: int = 1,
         queries: int = 5,
+        split: Literal["paper", "alphabet"] = "paper",
+        rotations: Literal["classes", "augment", "none"] = "classes",
         image_size: int = 28,
         download: bool = True,
         cache_dir: Optional[str] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        smallest = min(SPLIT_SIZES.values()) * ROTATIONS
-        require(2 <= ways <= smallest, "data.ways", ways,
-                f"must be between 2 and {smallest} (classes in the smallest split)")
+        require(ways >= 2, "data.ways", ways, "must be >= 2")
         require(shots >= 1, "data.shots", shots, "must be >= 1")
         require(queries >= 1, "data.queries", queries, "must be >= 1")
         require(shots + queries <= DRAWERS, "data.shots + data.queries", shots + queries,
                 f"must be <= {DRAWERS}, the images per Omniglot character")
+        require(split in SPLITS, "data.split", split, f"must be one of {tuple(SPLITS)}")
+        require(rotations in ROTATION_MODES, "data.rotations", rotations,
+                f"must be one of {ROTATION_MODES}")
         require(image_size >= 8, "data.image_size", image_size, "must be >= 8")
         self.root, self.ways, self.shots, self.queries = Path(root), ways, shots, queries
+        self.split, self.rotations = split, rotations
         self.image_size, self.download = image_size, download
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
 
@@ -182,10 +182,15 @@ class OmniglotDataModule(EpisodicDataModule):
                                f"{' and '.join(SETS)} folders (and data.download is false)")
         return base or download(self.root)
 
-    def prepare_data(self) -> None:  # once per node: download and fill the cache
-        load_images(list_characters(self._base()), self.image_size, self.cache_dir)
+    def _load(self):
+        base = self._base()
+        characters = list_characters(base)
+        return characters, load_images(base, characters, self.image_size, self.cache_dir)
 
-    def make_sampler(self) -> OmniglotTasks:
-        characters = list_characters(self._base())
-        images = load_images(characters, self.image_size, self.cache_dir)
-        return OmniglotTasks(images, paper_split(characters), self.ways, self.shots, self.queries)
+    def prepare_data(self) -> None:  # once per node: download and fill the cache
+        self._load()
+
+    def make_sampler(self) -> ClassificationTasks:
+        characters, images = self._load()
+        return ClassificationTasks(images, SPLITS[self.split](characters), self.ways,
+                                   self.shots, self.queries, self.rotations)

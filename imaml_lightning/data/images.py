@@ -1,0 +1,92 @@
+"""N-way K-shot classification episodes from an in-memory uint8 image tensor.
+
+Every image dataset (Omniglot, Mini-ImageNet, a user's folders) becomes a `LabeledImages`: one
+tensor [images, C, H, W] and the image indices of each class. `ClassificationTasks` draws tasks
+from it by tensor indexing. learn2learn's TaskDataset (MetaDataset + NWays + KShots + LoadData +
+RemapLabels) draws the same kind of task; benchmarks/episode_sampler.py measures it ~40x slower
+here (it loads images one at a time through Dataset.__getitem__ and filters label lists in
+Python), which would make data loading a visible share of a CPU meta-step.
+"""
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from imaml_lightning.data.episodes import TaskTensors
+from imaml_lightning.errors import require
+
+ROTATION_MODES = ("classes", "augment", "none")
+ROTATIONS = 4  # by 90 degrees * k
+
+
+@dataclass
+class LabeledImages:
+    images: torch.Tensor  # uint8 [images, C, H, W]
+    members: List[torch.Tensor]  # the image indices of each class
+    names: List[str]  # one name per class, for messages
+
+
+class ClassificationTasks:
+    """Samples tasks: `ways` classes of a split, `shots` support and `queries` query images of
+    each, labels 0..ways-1 in the order the classes were drawn.
+
+    rotations: "classes" makes each class under each rotation by 90 degrees * k a class of its
+    own (4x the classes: the MAML protocol for Omniglot); "augment" rotates each class of a task
+    by its own random k (the same for all its images); "none" leaves images as they are. The
+    rotation is drawn per class and applied with the class's images in hand, so it cannot slip
+    to another class (the late-binding bug of learn2learn's RandomClassRotation).
+    """
+
+    def __init__(self, data: LabeledImages, splits: Dict[str, torch.Tensor], ways: int,
+                 shots: int, queries: int, rotations: str = "none"):
+        require(rotations in ROTATION_MODES, "data.rotations", rotations,
+                f"must be one of {ROTATION_MODES}")
+        height, width = data.images.shape[-2:]
+        require(rotations == "none" or height == width, "data.rotations", rotations,
+                f"needs square images, these are {height}x{width}: set data.image_size or "
+                f"data.rotations=none")
+        copies = ROTATIONS if rotations == "classes" else 1
+        split, classes = min(splits.items(), key=lambda item: len(item[1]))  # the tightest
+        rotated = f" ({len(classes)} x {ROTATIONS} rotations)" if copies > 1 else ""
+        require(ways <= len(classes) * copies, "data.ways", ways,
+                f"must be <= {len(classes) * copies}, the classes in the {split} split{rotated}")
+        counts = torch.tensor([len(m) for m in data.members])
+        for split, classes in splits.items():
+            smallest = classes[counts[classes].argmin()].item()
+            require(shots + queries <= counts[smallest], "data.shots + data.queries",
+                    shots + queries, f"must be <= {counts[smallest].item()}, the images of class "
+                    f"{data.names[smallest]!r} in the {split} split")
+        # Class members padded to one matrix, so a task's images are drawn by one argsort.
+        self.members = torch.nn.utils.rnn.pad_sequence(data.members, batch_first=True,
+                                                       padding_value=-1)
+        self.counts, self.images, self.splits = counts, data.images, splits
+        self.ways, self.shots, self.queries, self.rotations = ways, shots, queries, rotations
+        self.copies = copies
+
+    def __call__(self, split: str, generator: torch.Generator) -> TaskTensors:
+        classes = self.splits[split]
+        drawn = torch.randperm(len(classes) * self.copies, generator=generator)[: self.ways]
+        chosen = classes[drawn // self.copies]
+        # Random keys, padding keys above every real one: the first shots + queries of the
+        # argsort are a uniform draw without replacement from each class.
+        keys = torch.rand(self.ways, self.members.shape[1], generator=generator)
+        keys[self.members[chosen] < 0] = 2.0
+        draws = keys.argsort(1)[:, : self.shots + self.queries]
+        x = self.images[self.members[chosen[:, None], draws]]  # [ways, shots + queries, C, H, W]
+        if self.rotations == "classes":
+            x = rotate_each_class(x, drawn % ROTATIONS)
+        elif self.rotations == "augment":
+            x = rotate_each_class(x, torch.randint(ROTATIONS, (self.ways,), generator=generator))
+        x = x.float().div_(255)
+        labels = torch.arange(self.ways)
+        return (x[:, : self.shots].flatten(0, 1), labels.repeat_interleave(self.shots),
+                x[:, self.shots:].flatten(0, 1), labels.repeat_interleave(self.queries))
+
+
+def rotate_each_class(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """x [ways, n, C, H, W] with class i rotated by 90 degrees * turns[i]."""
+    out = x.clone()
+    for k in turns.unique().tolist():
+        if k:
+            out[turns == k] = x[turns == k].rot90(k, dims=(-2, -1))
+    return out
