@@ -8,7 +8,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.charts import TrainingCharts
 from imaml_lightning.data import EpisodicDataModule
-from imaml_lightning.errors import find_setting_error
+from imaml_lightning.errors import find_setting_error, require
 from imaml_lightning.module import IMAML
 
 
@@ -68,9 +68,36 @@ TRAINER_DEFAULTS = {
 }
 
 
+DATASETS = {  # --data.dataset NAME: a short name for LightningCLI's --data CLASS_PATH
+    "sinusoid": "imaml_lightning.data.SinusoidDataModule",
+    "omniglot": "imaml_lightning.data.OmniglotDataModule",
+    "miniimagenet": "imaml_lightning.data.MiniImageNetDataModule",
+    "folder": "imaml_lightning.data.FolderDataModule",
+}
+
+
+def expand_dataset_names(args: list) -> list:
+    """["--data.dataset", "folder"] -> ["--data", "imaml_lightning.data.FolderDataModule"], in
+    place, so that it overrides a --config before it and settings after it apply to it."""
+    expanded, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--data.dataset" or arg.startswith("--data.dataset="):
+            name = arg.partition("=")[2] or (rest.pop(0) if rest else "")
+            require(name in DATASETS, "data.dataset", name, f"must be one of {tuple(DATASETS)}")
+            expanded += ["--data", DATASETS[name]]
+        else:
+            expanded.append(arg)
+    return expanded
+
+
 def main(args=None) -> None:
     keep_freed_memory()
     try:
+        if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+            sys.argv[1:] = expand_dataset_names(sys.argv[1:])
+        else:
+            args = expand_dataset_names(args)
         IMAMLCLI(
             IMAML,
             EpisodicDataModule,

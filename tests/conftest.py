@@ -20,3 +20,14 @@ def omniglot_root() -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """One preprocessing cache for the whole session, never the user's own."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, request) -> Path:
+    """Run in an empty folder holding only the configs, as a user in a fresh checkout would."""
+    configs = request.config.rootpath / "configs"
+    (tmp_path / "configs").mkdir()
+    for config in configs.glob("*.yaml"):
+        (tmp_path / "configs" / config.name).write_text(config.read_text())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -20,17 +20,6 @@ FAST_SINUSOID = [
 ]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, request):
-    """Run in an empty folder holding only the configs, as a user in a fresh checkout would."""
-    configs = request.config.rootpath / "configs"
-    (tmp_path / "configs").mkdir()
-    for config in configs.glob("*.yaml"):
-        (tmp_path / "configs" / config.name).write_text(config.read_text())
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def scalars(log_dir):
     events = EventAccumulator(str(log_dir))
     events.Reload()

@@ -3,7 +3,7 @@ read-only), keyed by the source files and the settings so that a change of eithe
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable
 
 import torch
 
@@ -23,7 +23,7 @@ def fingerprint(files: Iterable[Path], root: Path, settings: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached(path: Path, build: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def cached(path: Path, build: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
     """Load the tensors at path, or build and save them (atomically: a killed run never
     leaves a truncated cache). Memory-mapped: processes on a node share the pages."""
     if not path.exists():

@@ -7,11 +7,15 @@ RemapLabels) draws the same kind of task; benchmarks/episode_sampler.py measures
 here (it loads images one at a time through Dataset.__getitem__ and filters label lists in
 Python), which would make data loading a visible share of a CPU meta-step.
 """
+import hashlib
 from dataclasses import dataclass
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from imaml_lightning.data.base import EpisodicDataModule
+from imaml_lightning.data.cache import default_cache_dir
 from imaml_lightning.data.episodes import TaskTensors
 from imaml_lightning.errors import require
 
@@ -90,3 +94,41 @@ def rotate_each_class(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
         if k:
             out[turns == k] = x[turns == k].rot90(k, dims=(-2, -1))
     return out
+
+
+def ranked(names: List[str]) -> List[int]:
+    """Indices of names in SHA-256 order: a split order fixed by the names alone, which no
+    seed, library version or directory listing can change."""
+    return sorted(range(len(names)), key=lambda i: hashlib.sha256(names[i].encode()).digest())
+
+
+class ImageClassificationDataModule(EpisodicDataModule):
+    """What the image datasets share: N-way K-shot tasks with Q queries per class, rotations,
+    a preprocessing cache. Subclasses load their images and splits in `load`."""
+
+    def __init__(self, ways: int, shots: int, queries: int, rotations: str,
+                 cache_dir: Optional[str], **kwargs):
+        super().__init__(**kwargs)
+        require(ways >= 2, "data.ways", ways, "must be >= 2")
+        require(shots >= 1, "data.shots", shots, "must be >= 1")
+        require(queries >= 1, "data.queries", queries, "must be >= 1")
+        require(rotations in ROTATION_MODES, "data.rotations", rotations,
+                f"must be one of {ROTATION_MODES}")
+        self.ways, self.shots, self.queries, self.rotations = ways, shots, queries, rotations
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+
+    @property
+    def out_features(self) -> int:
+        return self.ways
+
+    def load(self) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
+        """The images (from the cache once built) and the class ids of each split."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:  # once per node: download and fill the cache
+        self.load()
+
+    def make_sampler(self) -> ClassificationTasks:
+        images, splits = self.load()
+        return ClassificationTasks(images, splits, self.ways, self.shots, self.queries,
+                                   self.rotations)

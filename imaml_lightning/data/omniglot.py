@@ -13,17 +13,15 @@ Splits, fixed by the names alone (no seed, library version or directory listing 
   background alphabets the last 5 in SHA-256 order of their names validate, the others train.
   No alphabet is shared between splits, which makes the test harder.
 """
-import hashlib
 from pathlib import Path
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from imaml_lightning.data.base import EpisodicDataModule
-from imaml_lightning.data.cache import cached, default_cache_dir, fingerprint
-from imaml_lightning.data.images import ROTATION_MODES, ClassificationTasks, LabeledImages
+from imaml_lightning.data.cache import cached, fingerprint
+from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages, ranked
 from imaml_lightning.errors import SettingError, require
 
 SETS = ("images_background", "images_evaluation")
@@ -69,11 +67,6 @@ def list_characters(base: Path) -> List[List[Path]]:
 
 def character_name(files: List[Path]) -> str:
     return f"{files[0].parent.parent.name}/{files[0].parent.name}"
-
-
-def ranked(names: List[str]) -> List[int]:
-    """Indices of names in SHA-256 order: fixed by the names alone."""
-    return sorted(range(len(names)), key=lambda i: hashlib.sha256(names[i].encode()).digest())
 
 
 def paper_split(characters: List[List[Path]]) -> Dict[str, torch.Tensor]:
@@ -128,7 +121,7 @@ def load_images(base: Path, characters: List[List[Path]], size: int, cache_dir: 
     return LabeledImages(images, members, [character_name(f) for f in characters])
 
 
-class OmniglotDataModule(EpisodicDataModule):
+class OmniglotDataModule(ImageClassificationDataModule):
     """N-way K-shot Omniglot (see the module docstring for the splits).
 
     Args:
@@ -156,24 +149,12 @@ class OmniglotDataModule(EpisodicDataModule):
         cache_dir: Optional[str] = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        require(ways >= 2, "data.ways", ways, "must be >= 2")
-        require(shots >= 1, "data.shots", shots, "must be >= 1")
-        require(queries >= 1, "data.queries", queries, "must be >= 1")
+        super().__init__(ways, shots, queries, rotations, cache_dir, **kwargs)
         require(shots + queries <= DRAWERS, "data.shots + data.queries", shots + queries,
                 f"must be <= {DRAWERS}, the images per Omniglot character")
         require(split in SPLITS, "data.split", split, f"must be one of {tuple(SPLITS)}")
-        require(rotations in ROTATION_MODES, "data.rotations", rotations,
-                f"must be one of {ROTATION_MODES}")
         require(image_size >= 8, "data.image_size", image_size, "must be >= 8")
-        self.root, self.ways, self.shots, self.queries = Path(root), ways, shots, queries
-        self.split, self.rotations = split, rotations
-        self.image_size, self.download = image_size, download
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-
-    @property
-    def out_features(self) -> int:
-        return self.ways
+        self.root, self.split, self.image_size, self.download = Path(root), split, image_size, download
 
     def _base(self) -> Path:
         base = locate(self.root)
@@ -182,15 +163,8 @@ class OmniglotDataModule(EpisodicDataModule):
                                f"{' and '.join(SETS)} folders (and data.download is false)")
         return base or download(self.root)
 
-    def _load(self):
+    def load(self) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
         base = self._base()
         characters = list_characters(base)
-        return characters, load_images(base, characters, self.image_size, self.cache_dir)
-
-    def prepare_data(self) -> None:  # once per node: download and fill the cache
-        self._load()
-
-    def make_sampler(self) -> ClassificationTasks:
-        characters, images = self._load()
-        return ClassificationTasks(images, SPLITS[self.split](characters), self.ways,
-                                   self.shots, self.queries, self.rotations)
+        images = load_images(base, characters, self.image_size, self.cache_dir)
+        return images, SPLITS[self.split](characters)

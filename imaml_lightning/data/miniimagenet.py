@@ -1,0 +1,145 @@
+"""Mini-ImageNet (Vinyals et al., 2016) N-way K-shot episodes, in the class split of Ravi &
+Larochelle (2017): 64 train, 16 validation and 20 test classes of 600 84x84 colour images each.
+
+Reads the pickles learn2learn 0.2.0 downloads, ROOT/mini-imagenet-cache-{train,validation,test}.pkl,
+each {"image_data": uint8 [N, 84, 84, 3], "class_dict": {class name: [indices into image_data]}},
+downloads them from the same Zenodo record when absent, and caches the images of all three as one
+uint8 NCHW tensor outside ROOT. learn2learn's MiniImagenet class is not used to load them: it turns
+the images into float32, 4x the memory (3.3 GB for the train split alone).
+"""
+import os
+import pickle
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple
+
+import numpy as np
+import torch
+
+from imaml_lightning.data.cache import cached, fingerprint
+from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages
+from imaml_lightning.errors import SettingError
+
+FILE_MODES = {"train": "train", "val": "validation", "test": "test"}  # our split -> file name
+FILE_PATTERN = "mini-imagenet-cache-{train,validation,test}.pkl"
+URL = "https://zenodo.org/record/7978538/files/{name}"  # learn2learn 0.2.0's mirror
+IMAGE_SHAPE = (84, 84, 3)
+# The first byte of a pickled dict: PROTO (protocol 2+), MARK or EMPTY_DICT (protocols 0, 1);
+# an HTML or JSON error page starts otherwise.
+PICKLE_STARTS = (b"\x80", b"(", b"}")
+
+
+def pickle_paths(root: Path) -> List[Path]:
+    return [root / f"mini-imagenet-cache-{mode}.pkl" for mode in FILE_MODES.values()]
+
+
+def download(root: Path, missing: List[Path]) -> None:
+    """Fetch the missing pickles, each into a hidden partial file renamed once complete, so a
+    killed download never leaves a truncated pickle under the real name. No checksums are
+    published for these files: `read_pickle` validates their structure instead."""
+    from learn2learn.data import utils  # a slow import, needed only here
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for path in missing:
+            partial, url = path.with_name(f".{path.name}.partial"), URL.format(name=path.name)
+            try:
+                utils.download_file(url, str(partial))  # does not check the HTTP status
+                with open(partial, "rb") as file:
+                    if file.read(1) not in PICKLE_STARTS:
+                        raise OSError(f"{url} answered with something other than a pickle")
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+    except Exception as error:  # offline, read-only root, server error...
+        raise SettingError(
+            f"data.root={str(root)!r} is invalid: no Mini-ImageNet there (looked for "
+            f"{FILE_PATTERN}) and the download failed ({error}). Download the three files from "
+            f"{URL.format(name='')} into that folder."
+        ) from None
+
+
+def read_pickle(path: Path) -> Tuple[np.ndarray, Dict[str, torch.Tensor]]:
+    """The images [N, 84, 84, 3] and the image indices of each class of one file, checked."""
+    try:
+        with open(path, "rb") as file:
+            data = pickle.load(file)  # the format; it runs code, so read only files you trust
+        if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
+            raise ValueError("not a dict with the keys 'image_data' and 'class_dict'")
+        images, classes = data["image_data"], data["class_dict"]
+        if not (isinstance(images, np.ndarray) and images.dtype == np.uint8
+                and images.ndim == 4 and images.shape[1:] == IMAGE_SHAPE):
+            raise ValueError(f"image_data is {getattr(images, 'dtype', type(images).__name__)} "
+                             f"{list(getattr(images, 'shape', []))}, not uint8 [N, 84, 84, 3]")
+        members = {name: torch.as_tensor(np.asarray(ids, dtype=np.int64))
+                   for name, ids in classes.items()}
+        if not members or any(m.ndim != 1 or not len(m) or m.min() < 0 or m.max() >= len(images)
+                              for m in members.values()):
+            raise ValueError("class_dict does not map each class to indices into image_data")
+    except Exception as error:
+        raise SettingError(f"data.root: {path} is corrupt ({error}); delete it and run again "
+                           f"to download it afresh") from None
+    return images, members
+
+
+def load_images(root: Path, cache_dir: Path) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
+    """All three files as one LabeledImages ([60000, 3, 84, 84] uint8, cached under cache_dir)
+    and the class ids of each split."""
+    paths = pickle_paths(root)
+
+    def build():
+        images, members, names, classes_per_file, start = [], [], [], [], 0
+        for path in paths:
+            part, part_members = read_pickle(path)
+            images.append(torch.from_numpy(part).permute(0, 3, 1, 2))  # a view: copied once by cat
+            members += [m + start for m in part_members.values()]
+            names += list(part_members)
+            classes_per_file.append(len(part_members))
+            start += len(part)
+        return {"images": torch.cat(images), "members": torch.cat(members),
+                "class_sizes": torch.tensor([len(m) for m in members]),
+                "classes_per_file": torch.tensor(classes_per_file), "names": names}
+
+    key = fingerprint(paths, root, "miniimagenet/v1")
+    stored = cached(cache_dir / f"miniimagenet-{key}.pt", build)
+    members = list(stored["members"].split(stored["class_sizes"].tolist()))
+    class_ids = torch.arange(len(members)).split(stored["classes_per_file"].tolist())
+    splits = dict(zip(FILE_MODES, class_ids))
+    return LabeledImages(stored["images"], members, stored["names"]), splits
+
+
+class MiniImageNetDataModule(ImageClassificationDataModule):
+    """N-way K-shot Mini-ImageNet, 84x84 RGB (see the module docstring for the files and splits).
+
+    Args:
+        root: folder of the three learn2learn pickles; downloaded into it (about 1.3 GB) when
+            absent and `download` is true.
+        ways / shots / queries: classes per task, support and query images per class.
+        rotations: "none" (the usual protocol), "augment" (each class of a task under one random
+            rotation by 90 degrees * k) or "classes" (each rotation is a class of its own).
+        cache_dir: where the images are kept as one tensor (default ~/.cache/imaml_lightning).
+        Episode and loader settings: see EpisodicDataModule.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/miniimagenet",
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        rotations: Literal["classes", "augment", "none"] = "none",
+        download: bool = True,
+        cache_dir: Optional[str] = None,
+        **kwargs,
+    ):
+        super().__init__(ways, shots, queries, rotations, cache_dir, **kwargs)
+        self.root, self.download = Path(root), download
+
+    def load(self) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
+        missing = [p for p in pickle_paths(self.root) if not p.is_file()]
+        if missing and not self.download:
+            raise SettingError(f"data.root={str(self.root)!r} is invalid: no Mini-ImageNet there "
+                               f"(looked for {FILE_PATTERN}, missing {[p.name for p in missing]}) "
+                               f"and data.download is false")
+        if missing:
+            download(self.root, missing)
+        return load_images(self.root, self.cache_dir)
