@@ -1,6 +1,7 @@
 """`python -m imaml_lightning {fit,validate,test} --config configs/X.yaml [--model.X ...]`."""
 import json
 import sys
+from argparse import ArgumentError
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
@@ -8,7 +9,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.charts import TrainingCharts
 from imaml_lightning.data import EpisodicDataModule
-from imaml_lightning.errors import find_setting_error, require
+from imaml_lightning.errors import find_setting_error, require, summarize_parse_error
 from imaml_lightning.module import IMAML
 
 
@@ -105,8 +106,11 @@ def main(args=None) -> None:
             seed_everything_default=0,
             save_config_callback=SaveConfigInCheckpoints,
             trainer_defaults=TRAINER_DEFAULTS,
+            parser_kwargs={"exit_on_error": False},  # parse errors come to us, as one line
             args=args,
         )
+    except ArgumentError as error:
+        sys.exit(f"error: {summarize_parse_error(str(error))} (--help lists every setting)")
     except ValueError as error:
         setting_error = find_setting_error(error)
         if setting_error is None:

@@ -22,3 +22,17 @@ def find_setting_error(error: BaseException) -> "SettingError | None":
         seen = seen.__cause__ or seen.__context__
     match = re.search(r"^\s*- (\S.* is invalid: .*)$", str(error), re.MULTILINE)
     return SettingError(match.group(1)) if match else None
+
+
+def summarize_parse_error(message: str) -> str:
+    """jsonargparse's nested report of a value it could not parse, as one line in our form:
+    'data.split='drawers' is invalid: must be one of 'paper', 'alphabet''."""
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
+    expected = re.search(r"Expected (?:a |an )?(.+?)\. Got value: (.*)", message)
+    if not keys or not expected:
+        return " ".join(line.strip() for line in message.strip().splitlines()[:3])
+    allowed, value = expected.groups()
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", allowed)
+    allowed = re.sub(r"<class '([\w.]+)'>", r"\1", allowed)
+    allowed = f"must be one of {literal.group(1)}" if literal else f"must be {allowed}"
+    return f"{'.'.join(keys)}={value.strip()!r} is invalid: {allowed}"

@@ -90,6 +90,26 @@ class IMAML(pl.LightningModule):
         self.checkpoint_step = 0  # meta-steps of the loaded checkpoint (validate/test report it)
         self.run_settings = {}  # model and data settings of this run (set by the command line)
 
+    def setup(self, stage: str) -> None:
+        self.check_network_fits_data()
+
+    def check_network_fits_data(self) -> None:
+        """One forward pass on one support set: a network built for other inputs (channels,
+        image size) fails here with one message, not deep inside the vectorized solver."""
+        sampler = getattr(self.trainer.datamodule, "sampler", None) if self._trainer else None
+        if sampler is None:
+            return
+        x = sampler("val", torch.Generator().manual_seed(0))[0]
+        try:
+            with torch.no_grad():
+                self.net(x)
+        except RuntimeError as error:
+            raise SettingError(
+                f"model.net is invalid for this data: its inputs are {list(x.shape[1:])} "
+                f"({str(error).splitlines()[0]}); make model.net.init_args (in_channels, "
+                f"image_size, in_features) match the data (data.channels, data.image_size)"
+            ) from None
+
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr, eps=self.hparams.adam_eps)
         if self.hparams.lr_schedule == "constant":
@@ -131,9 +151,10 @@ class IMAML(pl.LightningModule):
         if schedule is not None:  # manual optimization steps the schedule itself
             schedule.step()
         seconds = time.perf_counter() - start
+        tasks_per_second = len(tasks.query_y) * self.trainer.world_size / seconds
         if logs:
-            self.log_training(result, tasks.query_y, outer_lr, seconds)
-        self.log_progress(result, tasks.query_y, seconds)
+            self.log_training(result, tasks.query_y, outer_lr, seconds, tasks_per_second)
+        self.log_progress(result, tasks.query_y, tasks_per_second)
         curves = ("inner_objective_trace", "cg_residual_norms")  # for the TrainingCharts callback
         outputs = {k: result.diagnostics[k].mean(0) for k in curves if k in result.diagnostics}
         if self.classification:  # the first task's query predictions, for the episode picture
@@ -144,16 +165,19 @@ class IMAML(pl.LightningModule):
         """Whether this step's scalars reach a logger (every trainer.log_every_n_steps): only
         then are the diagnostics that cost extra work (the query pass before adaptation)
         computed. Lightning's own test, which is not public API."""
-        return bool(self.loggers) and self.trainer._logger_connector.should_update_logs
+        trainer = self.trainer
+        return bool(self.loggers) and (trainer._logger_connector.should_update_logs
+                                       or bool(trainer.fast_dev_run))
 
-    def log_training(self, result, query_y: torch.Tensor, outer_lr: float, seconds: float) -> None:
+    def log_training(self, result, query_y: torch.Tensor, outer_lr: float, seconds: float,
+                     tasks_per_second: float) -> None:
         d = result.diagnostics
         metrics = {f"train/{name}": d[name].float().mean() for name in (
             "query_loss_before", "query_loss_after", "inner_objective_before",
             "inner_objective_after", "inner_grad_norm")}
         metrics["train/outer_lr"] = float(outer_lr)
         metrics["train/step_seconds"] = seconds  # the meta-step itself, without data loading
-        metrics["train/tasks_per_second"] = len(query_y) * self.trainer.world_size / seconds
+        metrics["train/tasks_per_second"] = tasks_per_second
         metrics["train/lam"] = self.config.lam
         metrics["train/meta_grad_norm"] = torch.linalg.vector_norm(
             torch.cat([g.flatten() for g in result.grads.values()]))
@@ -166,14 +190,13 @@ class IMAML(pl.LightningModule):
             metrics["train/acc_after"] = self.episode_scores(d["query_output_after"], query_y).mean()
         self.log_dict(metrics, prog_bar=False)
 
-    def log_progress(self, result, query_y: torch.Tensor, seconds: float) -> None:
+    def log_progress(self, result, query_y: torch.Tensor, tasks_per_second: float) -> None:
         """The progress bar's meta-train score after adaptation and tasks/s, every step."""
         d = result.diagnostics
         progress = (self.episode_scores(d["query_output_after"], query_y).mean()
                     if self.classification else d["query_loss_after"].mean())
         self.log(f"train/{self.score_name}", progress, prog_bar=True, logger=False)
-        self.log("tasks/s", len(query_y) * self.trainer.world_size / seconds, prog_bar=True,
-                 logger=False)
+        self.log("tasks/s", tasks_per_second, prog_bar=True, logger=False)
 
     def evaluate(self, batch, score: MeanConfidenceInterval) -> None:
         # Lightning may run evaluation under inference mode; adaptation needs autograd, and

@@ -71,6 +71,17 @@ def test_tensorboard_shows_training_internals_and_charts(workdir):
         assert [image.step for image in events.Images(tag)] == [0, 2], tag
 
 
+def test_scalars_are_computed_and_written_every_log_interval(workdir):
+    """Diagnostics that cost compute are made only on the steps Lightning writes."""
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "7", "--trainer.log_every_n_steps", "3",
+          "--trainer.val_check_interval", "7"])
+    logged = scalars(workdir / "lightning_logs" / "version_0")
+    for tag in ("train/query_loss_before", "train/query_loss_after", "train/lam"):
+        assert [step for step, _ in logged[tag]] == [2, 5], tag
+    assert all(before > after for (_, before), (_, after) in
+               zip(logged["train/query_loss_before"], logged["train/query_loss_after"]))
+
+
 def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
     main(["fit", "--config", "configs/omniglot_5way_1shot.yaml",
           "--data.root", str(omniglot_root), "--data.init_args.cache_dir", str(cache_dir),
@@ -101,6 +112,10 @@ def test_baselines_and_inner_solvers_train_through_the_cli(workdir, algorithm, i
     (["--model.lam", "0"], "model.lam=0.0 is invalid"),
     (["--data.init_args.shots", "0"], "data.shots=0 is invalid"),
     (["--model.hf_cg_steps", "0"], "model.hf_cg_steps=0 is invalid"),
+    (["--model.inner_solver", "newton"],
+     "model.inner_solver='newton' is invalid: must be one of 'gd', 'adam', 'hf'"),
+    (["--model.inner_steps", "ten"], "model.inner_steps='ten' is invalid: must be int"),
+    (["--data.dataset", "imagenet"], "data.dataset='imagenet' is invalid: must be one of"),
     (["--model.lr_schedule", "cosine", "--trainer.max_steps", "-1"],
      "model.lr_schedule_steps=-1 is invalid: must be > 0 with model.lr_schedule=cosine"),
 ])

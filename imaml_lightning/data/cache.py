@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable
 
 import torch
+from filelock import FileLock
 
 from imaml_lightning.checkpoint_io import atomic_torch_save
 
@@ -23,10 +24,24 @@ def fingerprint(files: Iterable[Path], root: Path, settings: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached(path: Path, build: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-    """Load the tensors at path, or build and save them (atomically: a killed run never
-    leaves a truncated cache). Memory-mapped: processes on a node share the pages."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+def cached(cache_dir: Path, prefix: str, key: str,
+           build: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """The tensors of cache_dir/PREFIX-KEY.pt, built and saved first if absent or unreadable.
+
+    Runs that share the cache (the nodes of a job, a sweep) build it once under a file lock;
+    the file is written atomically, so a killed run never leaves a truncated cache, and older
+    caches of the same prefix (other files or settings) are removed. Memory-mapped: the
+    processes of a node share its pages.
+    """
+    path = cache_dir / f"{prefix}-{key}.pt"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_dir / f".{prefix}.lock"):
+        try:
+            return torch.load(path, weights_only=True, mmap=True)
+        except (OSError, RuntimeError, EOFError):  # absent, or damaged outside our writes
+            pass
         atomic_torch_save(build(), path)
+        for stale in cache_dir.glob(f"{prefix}-*.pt"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
     return torch.load(path, weights_only=True, mmap=True)

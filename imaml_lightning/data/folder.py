@@ -9,17 +9,19 @@ classes in SHA-256 order of their names, the first share for meta-training, the 
 meta-validation and the rest for meta-testing (`split_ratios`), or the folders named per split
 (`split_classes`).
 """
+import hashlib
 from itertools import accumulate, combinations
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
-from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from imaml_lightning.data.cache import cached, fingerprint
-from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages, ranked
+from imaml_lightning.data.images import (
+    ImageClassificationDataModule, LabeledImages, ranked, read_image,
+)
 from imaml_lightning.errors import SettingError, require
 
 SPLITS = ("train", "val", "test")
@@ -35,11 +37,15 @@ def list_images(root: Path) -> Dict[str, List[Path]]:
     if not root.is_dir():
         raise invalid_root(root, "no such folder")
     try:
-        names, class_ids = find_classes(root)
+        names, _ = find_classes(root)
     except FileNotFoundError:  # torchvision's way of saying there is no class folder
-        raise invalid_root(root, "it holds no class folders (ROOT/<class name>/<images>)") from None
+        names = []
     except OSError as error:
         raise invalid_root(root, f"cannot list it ({error.strerror})") from None
+    names = [name for name in names if not name.startswith(".")]  # .ipynb_checkpoints, .git
+    if not names:
+        raise invalid_root(root, "it holds no class folders (ROOT/<class name>/<images>)")
+    class_ids = {name: i for i, name in enumerate(names)}
     files: Dict[str, List[Path]] = {name: [] for name in names}
     for path, class_id in make_dataset(root, class_ids, IMG_EXTENSIONS, allow_empty=True):
         files[names[class_id]].append(Path(path))
@@ -75,19 +81,10 @@ def check_split_classes(split_classes: Dict[str, List[str]], names: List[str], r
                                f"and the {b} split; splits must not share classes")
 
 
-def read_image(path: Path, mode: str, size: Optional[int]) -> torch.Tensor:
-    """uint8 [C, H, W], upright as its EXIF says. Decoded with PIL, like ImageFolder's loader:
-    torchvision.io.decode_image reads only jpeg, png, webp and gif, not every IMG_EXTENSIONS."""
-    try:
-        with Image.open(path) as image:
-            pixels = pil_to_tensor(ImageOps.exif_transpose(image).convert(mode))
-    except (OSError, ValueError) as error:  # not an image, truncated, unsupported variant
-        raise SettingError(f"data.root is invalid: cannot read image {path} ({error})") from None
-    return pixels if size is None else resize(pixels, [size, size], antialias=True)
-
-
 def decode_all(files: List[Path], root: Path, mode: str, size: Optional[int]) -> torch.Tensor:
-    images = [read_image(path, mode, size) for path in files]
+    images = [pil_to_tensor(read_image(path, mode)) for path in files]
+    if size is not None:
+        images = [resize(image, [size, size], antialias=True) for image in images]
     for path, image in zip(files, images):
         if image.shape != images[0].shape:
             (height, width), (first_height, first_width) = image.shape[1:], images[0].shape[1:]
@@ -161,10 +158,12 @@ class FolderDataModule(ImageClassificationDataModule):
         split_names = self._split_names(names)  # before decoding: a bad split fails fast
         all_files = [path for images in files.values() for path in images]
         mode = "L" if self.channels == 1 else "RGB"
-        key = fingerprint(all_files, self.root,
-                          f"folder/v1/{self.root.resolve()}/{self.image_size}/{self.channels}")
-        images = cached(self.cache_dir / f"folder-{self.root.name}-{key}.pt", lambda: {
-            "images": decode_all(all_files, self.root, mode, self.image_size)})["images"]
+        # One cache per (root, size, channels): a rebuild replaces only its own predecessor.
+        where = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8]
+        prefix = f"folder-{self.root.name}-{where}-{self.image_size or 'native'}px-{self.channels}ch"
+        images = cached(self.cache_dir, prefix, fingerprint(all_files, self.root, "folder/v1"),
+                        lambda: {"images": decode_all(all_files, self.root, mode,
+                                                      self.image_size)})["images"]
         members = list(torch.arange(len(all_files)).split([len(f) for f in files.values()]))
         class_id = {name: i for i, name in enumerate(names)}
         splits = {split: torch.tensor(sorted({class_id[n] for n in listed}), dtype=torch.long)

@@ -3,9 +3,9 @@
 Every image dataset (Omniglot, Mini-ImageNet, a user's folders) becomes a `LabeledImages`: one
 tensor [images, C, H, W] and the image indices of each class. `ClassificationTasks` draws tasks
 from it by tensor indexing. learn2learn's TaskDataset (MetaDataset + NWays + KShots + LoadData +
-RemapLabels) draws the same kind of task; benchmarks/episode_sampler.py measures it ~40x slower
-here (it loads images one at a time through Dataset.__getitem__ and filters label lists in
-Python), which would make data loading a visible share of a CPU meta-step.
+RemapLabels) draws the same kind of task 2.5x slower at Omniglot 5-way 1-shot and 31x slower at
+20-way 5-shot (benchmarks/data_pipeline.py: it loads images one at a time through
+Dataset.__getitem__ and filters label lists in Python), so we keep our own.
 """
 import hashlib
 from dataclasses import dataclass
@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from PIL import Image, ImageOps
 
 from imaml_lightning.data.base import EpisodicDataModule
 from imaml_lightning.data.cache import default_cache_dir
 from imaml_lightning.data.episodes import TaskTensors
-from imaml_lightning.errors import require
+from imaml_lightning.errors import SettingError, require
 
 ROTATION_MODES = ("classes", "augment", "none")
 ROTATIONS = 4  # by 90 degrees * k
@@ -94,6 +95,16 @@ def rotate_each_class(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
         if k:
             out[turns == k] = x[turns == k].rot90(k, dims=(-2, -1))
     return out
+
+
+def read_image(path: Path, mode: str) -> Image.Image:
+    """The image in PIL mode `mode` ("L", "RGB"), upright as its EXIF says. PIL, as in
+    ImageFolder's loader: torchvision.io.decode_image reads only jpeg, png, webp and gif."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert(mode)
+    except (OSError, ValueError) as error:  # not an image, truncated, unsupported variant
+        raise SettingError(f"data.root is invalid: cannot read image {path} ({error})") from None
 
 
 def ranked(names: List[str]) -> List[int]:

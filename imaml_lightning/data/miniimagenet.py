@@ -7,6 +7,7 @@ downloads them from the same Zenodo record when absent, and caches the images of
 uint8 NCHW tensor outside ROOT. learn2learn's MiniImagenet class is not used to load them: it turns
 the images into float32, 4x the memory (3.3 GB for the train split alone).
 """
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -22,35 +23,50 @@ from imaml_lightning.errors import SettingError
 FILE_MODES = {"train": "train", "val": "validation", "test": "test"}  # our split -> file name
 FILE_PATTERN = "mini-imagenet-cache-{train,validation,test}.pkl"
 URL = "https://zenodo.org/record/7978538/files/{name}"  # learn2learn 0.2.0's mirror
+RECORD = "https://zenodo.org/api/records/7978538"  # its metadata lists each file's MD5
 IMAGE_SHAPE = (84, 84, 3)
-# The first byte of a pickled dict: PROTO (protocol 2+), MARK or EMPTY_DICT (protocols 0, 1);
-# an HTML or JSON error page starts otherwise.
-PICKLE_STARTS = (b"\x80", b"(", b"}")
 
 
 def pickle_paths(root: Path) -> List[Path]:
     return [root / f"mini-imagenet-cache-{mode}.pkl" for mode in FILE_MODES.values()]
 
 
+def published_md5() -> Dict[str, str]:
+    """{file name: MD5} as the Zenodo record publishes them (learn2learn ships none)."""
+    import requests
+
+    response = requests.get(RECORD, timeout=60)
+    response.raise_for_status()
+    return {f["key"]: f["checksum"].removeprefix("md5:") for f in response.json()["files"]}
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download(root: Path, missing: List[Path]) -> None:
-    """Fetch the missing pickles, each into a hidden partial file renamed once complete, so a
-    killed download never leaves a truncated pickle under the real name. No checksums are
-    published for these files: `read_pickle` validates their structure instead."""
+    """Fetch the missing pickles, each into a hidden partial file that is renamed only once its
+    MD5 matches the published one: a killed or damaged download never takes the real name."""
     from learn2learn.data import utils  # a slow import, needed only here
 
     try:
         root.mkdir(parents=True, exist_ok=True)
+        expected = published_md5()
         for path in missing:
             partial, url = path.with_name(f".{path.name}.partial"), URL.format(name=path.name)
             try:
                 utils.download_file(url, str(partial))  # does not check the HTTP status
-                with open(partial, "rb") as file:
-                    if file.read(1) not in PICKLE_STARTS:
-                        raise OSError(f"{url} answered with something other than a pickle")
+                if md5(partial) != expected.get(path.name):
+                    raise OSError(f"{path.name}: its MD5 {md5(partial)} is not the published "
+                                  f"{expected.get(path.name)}")
                 os.replace(partial, path)
             finally:
                 partial.unlink(missing_ok=True)
-    except Exception as error:  # offline, read-only root, server error...
+    except Exception as error:  # offline, read-only root, server error, checksum mismatch...
         raise SettingError(
             f"data.root={str(root)!r} is invalid: no Mini-ImageNet there (looked for "
             f"{FILE_PATTERN}) and the download failed ({error}). Download the three files from "
@@ -58,26 +74,37 @@ def download(root: Path, missing: List[Path]) -> None:
         ) from None
 
 
+def corrupt(path: Path, why) -> SettingError:
+    return SettingError(f"data.root: {path} is corrupt ({why}); delete it and run again to "
+                        f"download it afresh")
+
+
 def read_pickle(path: Path) -> Tuple[np.ndarray, Dict[str, torch.Tensor]]:
     """The images [N, 84, 84, 3] and the image indices of each class of one file, checked."""
     try:
         with open(path, "rb") as file:
             data = pickle.load(file)  # the format; it runs code, so read only files you trust
-        if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
-            raise ValueError("not a dict with the keys 'image_data' and 'class_dict'")
-        images, classes = data["image_data"], data["class_dict"]
-        if not (isinstance(images, np.ndarray) and images.dtype == np.uint8
-                and images.ndim == 4 and images.shape[1:] == IMAGE_SHAPE):
-            raise ValueError(f"image_data is {getattr(images, 'dtype', type(images).__name__)} "
-                             f"{list(getattr(images, 'shape', []))}, not uint8 [N, 84, 84, 3]")
+    except OSError as error:  # permissions, I/O: the file may be fine
+        raise SettingError(f"data.root: cannot read {path} ({error})") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # truncated, not a pickle, unknown classes inside...
+        raise corrupt(path, f"{type(error).__name__}: {error}") from None
+    if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
+        raise corrupt(path, "not a dict with the keys 'image_data' and 'class_dict'")
+    images, classes = data["image_data"], data["class_dict"]
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8
+            and images.ndim == 4 and images.shape[1:] == IMAGE_SHAPE):
+        raise corrupt(path, f"image_data is {getattr(images, 'dtype', type(images).__name__)} "
+                            f"{list(getattr(images, 'shape', []))}, not uint8 [N, 84, 84, 3]")
+    try:
         members = {name: torch.as_tensor(np.asarray(ids, dtype=np.int64))
                    for name, ids in classes.items()}
-        if not members or any(m.ndim != 1 or not len(m) or m.min() < 0 or m.max() >= len(images)
-                              for m in members.values()):
-            raise ValueError("class_dict does not map each class to indices into image_data")
-    except Exception as error:
-        raise SettingError(f"data.root: {path} is corrupt ({error}); delete it and run again "
-                           f"to download it afresh") from None
+    except (AttributeError, TypeError, ValueError) as error:
+        raise corrupt(path, f"class_dict: {error}") from None
+    if not members or any(m.ndim != 1 or not len(m) or m.min() < 0 or m.max() >= len(images)
+                          for m in members.values()):
+        raise corrupt(path, "class_dict does not map each class to indices into image_data")
     return images, members
 
 
@@ -100,7 +127,7 @@ def load_images(root: Path, cache_dir: Path) -> Tuple[LabeledImages, Dict[str, t
                 "classes_per_file": torch.tensor(classes_per_file), "names": names}
 
     key = fingerprint(paths, root, "miniimagenet/v1")
-    stored = cached(cache_dir / f"miniimagenet-{key}.pt", build)
+    stored = cached(cache_dir, "miniimagenet", key, build)
     members = list(stored["members"].split(stored["class_sizes"].tolist()))
     class_ids = torch.arange(len(members)).split(stored["classes_per_file"].tolist())
     splits = dict(zip(FILE_MODES, class_ids))

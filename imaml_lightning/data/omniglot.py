@@ -21,7 +21,9 @@ import torch
 from PIL import Image, ImageOps
 
 from imaml_lightning.data.cache import cached, fingerprint
-from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages, ranked
+from imaml_lightning.data.images import (
+    ImageClassificationDataModule, LabeledImages, ranked, read_image,
+)
 from imaml_lightning.errors import SettingError, require
 
 SETS = ("images_background", "images_evaluation")
@@ -71,8 +73,9 @@ def character_name(files: List[Path]) -> str:
 
 def paper_split(characters: List[List[Path]]) -> Dict[str, torch.Tensor]:
     names = [character_name(f) for f in characters]
-    require(len(names) == sum(PAPER_SPLIT_SIZES.values()), "data.root", len(names),
-            "the paper split needs all 1623 Omniglot characters")
+    if len(names) != sum(PAPER_SPLIT_SIZES.values()):
+        raise SettingError(f"data.split=paper is invalid for data.root: it holds {len(names)} "
+                           f"characters, the paper split needs all 1623 of Omniglot")
     order = ranked(names)
     splits, start = {}, 0
     for split, size in PAPER_SPLIT_SIZES.items():
@@ -86,8 +89,10 @@ def alphabet_split(characters: List[List[Path]]) -> Dict[str, torch.Tensor]:
     VAL_ALPHABETS last in SHA-256 order of their names validate and the rest train."""
     in_set = {s: [i for i, f in enumerate(characters) if f[0].parents[2].name == s] for s in SETS}
     alphabets = sorted({characters[i][0].parent.parent.name for i in in_set[SETS[0]]})
-    require(len(alphabets) == 30 and len(in_set[SETS[1]]) > 0, "data.root", len(alphabets),
-            "the alphabet split needs Omniglot's 30 background and 20 evaluation alphabets")
+    if len(alphabets) != 30 or not in_set[SETS[1]]:
+        raise SettingError(f"data.split=alphabet is invalid for data.root: it holds "
+                           f"{len(alphabets)} background alphabets and {len(in_set[SETS[1]])} "
+                           f"evaluation characters; the split needs Omniglot's 30 and 659")
     val = {alphabets[i] for i in ranked(alphabets)[-VAL_ALPHABETS:]}
     is_val = [characters[i][0].parent.parent.name in val for i in in_set[SETS[0]]]
     return {"train": torch.tensor([i for i, v in zip(in_set[SETS[0]], is_val) if not v]),
@@ -100,11 +105,7 @@ SPLITS = {"paper": paper_split, "alphabet": alphabet_split}
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """Strokes as bright foreground on black, resized with LANCZOS as in MAML."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(ImageOps.invert(image.convert("L")).resize((size, size), Image.LANCZOS))
-    except OSError as error:
-        raise SettingError(f"data.root: cannot read image {path} ({error})") from None
+    return np.asarray(ImageOps.invert(read_image(path, "L")).resize((size, size), Image.LANCZOS))
 
 
 def load_images(base: Path, characters: List[List[Path]], size: int, cache_dir: Path) -> LabeledImages:
@@ -116,7 +117,7 @@ def load_images(base: Path, characters: List[List[Path]], size: int, cache_dir: 
         images = np.stack([load_image(p, size) for p in files])
         return {"images": torch.from_numpy(images).unsqueeze(1)}
 
-    images = cached(cache_dir / f"omniglot-{size}px-{key}.pt", build)["images"]
+    images = cached(cache_dir, f"omniglot-{size}px", key, build)["images"]
     members = list(torch.arange(len(files)).view(len(characters), DRAWERS))
     return LabeledImages(images, members, [character_name(f) for f in characters])
 

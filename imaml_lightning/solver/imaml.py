@@ -197,11 +197,16 @@ def meta_gradient(
                     in_dims=(None, 0), chunk_size=chunk_size, randomness="different")
     grads, diagnostics = per_task(theta, tasks)
     if diagnose_before:
-        with torch.no_grad():
-            loss, output = vmap(lambda task: fn(theta, task.query_x, task.query_y),
-                                chunk_size=chunk_size, randomness="different")(tasks)
+        loss, output = query_loss_before_adaptation(fn, theta, tasks, chunk_size)
         diagnostics.update(query_loss_before=loss, query_output_before=output)
     return MetaGradient({k: g.mean(0) for k, g in grads.items()}, diagnostics)
+
+
+@torch.no_grad()
+def query_loss_before_adaptation(fn, theta: Params, tasks: Task, chunk_size: Optional[int] = None):
+    """L(theta; Q) and the outputs at theta of each task's query set (a diagnostic)."""
+    return vmap(lambda task: fn(theta, task.query_x, task.query_y), chunk_size=chunk_size,
+                randomness="different")(tasks)
 
 
 def meta_gradient_loop(model, params, tasks, loss_fn, config) -> MetaGradient:

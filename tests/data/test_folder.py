@@ -142,6 +142,14 @@ def test_image_size_resizes_images_of_any_native_size(tmp_path):
     assert all((x == x[:, :1, :1]).all() for x in images)
 
 
+def test_a_damaged_cache_is_rebuilt(tmp_path):
+    root = make_root(tmp_path / "root", CLASSES[:6], images=3)
+    first = build(root, tmp_path / "cache", **SMALL).sampler.images.clone()
+    (cache_file,) = (tmp_path / "cache").glob("folder-root-*.pt")
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # e.g. a full disk, outside our writes
+    assert torch.equal(build(root, tmp_path / "cache", **SMALL).sampler.images, first)
+
+
 def test_cache_lives_in_cache_dir_and_follows_the_files_and_settings(tmp_path):
     root = make_root(tmp_path / "root", CLASSES[:6], images=3)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
@@ -159,7 +167,7 @@ def test_cache_lives_in_cache_dir_and_follows_the_files_and_settings(tmp_path):
     stat = edited.stat()
     os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later edit
     images = build(root, cache, **settings).sampler.images
-    assert len(list(cache.glob("folder-root-*.pt"))) == 3
+    assert len(list(cache.glob("folder-root-*.pt"))) == 2  # rebuilt: replaced its predecessor
     assert (images == torch.from_numpy(noise("edited", 0)).permute(2, 0, 1)).all((1, 2, 3)).any()
 
 
@@ -215,6 +223,12 @@ def no_class_folders(root):
     return r"data.root='.*' is invalid: it holds no class folders"
 
 
+def only_hidden_folders(root):
+    for folder in root.iterdir():
+        folder.rename(root / f".{folder.name}")  # .ipynb_checkpoints and the like are no classes
+    return r"data.root='.*' is invalid: it holds no class folders"
+
+
 def missing_root(root):
     for folder in root.iterdir():
         for path in folder.iterdir():
@@ -225,7 +239,7 @@ def missing_root(root):
 
 
 @pytest.mark.parametrize("damage", [corrupt_image, mismatched_sizes, empty_class,
-                                    no_class_folders, missing_root])
+                                    no_class_folders, only_hidden_folders, missing_root])
 def test_bad_folder_is_one_setting_error_naming_the_culprit(tmp_path, damage):
     root = make_root(tmp_path / "root", CLASSES[:6], images=3)
     message = damage(root)
@@ -304,3 +318,13 @@ def test_dataset_short_name_switches_another_config_to_the_folder(workdir, root)
     assert "class_path: imaml_lightning.data.FolderDataModule" in config
     assert load(workdir / "checkpoints" / "last.ckpt")["state_dict"][
         "net.features.0.0.weight"].shape == (8, 1, 3, 3)
+
+
+def test_a_network_built_for_other_images_is_one_clear_error(workdir, root):
+    run = subprocess.run(cli_command(*fit_args(root, workdir / "cache", "--data.init_args.ways", "3",
+                                               "--data.init_args.image_size", "28")),
+                         cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    (error,) = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: model.net is invalid for this data: its inputs are [3, 28, 28]")
+    assert "data.image_size" in error

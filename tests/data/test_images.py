@@ -59,6 +59,21 @@ def test_each_class_is_one_source_class_under_one_rotation(rotations):
     assert turns_seen == ({0} if rotations == "none" else {0, 1, 2, 3})
 
 
+def test_every_image_of_a_ragged_class_is_drawn_equally_often():
+    """Padding to the largest class must not bias the draw: members of class 2 (9 images)
+    appear in 5 of its 9 slots each time it is drawn, so each one ~5/9 of its draws."""
+    tasks = ClassificationTasks(DATA, SPLITS, ways=2, shots=2, queries=3)
+    drawn = torch.zeros(len(DATA.images))
+    for index in range(1200):
+        xs, _, xq, _ = tasks("train", task_generator(0, "train", index))
+        for image in torch.cat([xs, xq]):
+            drawn[identify(image)[0]] += 1
+    for c in SPLITS["train"].tolist():
+        counts = drawn[DATA.members[c]]
+        assert counts.min() > 0.85 * counts.mean() and counts.max() < 1.15 * counts.mean(), counts
+    assert drawn[torch.cat([DATA.members[c] for c in SPLITS["val"].tolist()])].sum() == 0
+
+
 def test_rotation_classes_can_pair_a_class_with_itself_rotated():
     """With rotations as classes, 'ways' counts (class, rotation) pairs: a task may hold the same
     source class twice under two rotations, as in the MAML protocol."""

@@ -1,14 +1,17 @@
 """Mini-ImageNet on a small fake copy in exactly the format of learn2learn's pickles."""
+import hashlib
 import pickle
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from imaml_lightning.data.episodes import task_generator
+from imaml_lightning.data import miniimagenet
 from imaml_lightning.data.miniimagenet import MiniImageNetDataModule, load_images
 from imaml_lightning.errors import SettingError
 from tests.helpers import load, run_cli
@@ -130,7 +133,7 @@ def test_changed_files_rebuild_the_cache(tmp_path):
                                     cache_dir=str(tmp_path / "cache"), download=False)
     second.setup("fit")
     assert len(second.sampler.splits["test"]) == 3
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # the new one replaced the old
 
 
 def corrupt(path: Path, how: str) -> None:
@@ -168,12 +171,30 @@ def test_missing_root_without_download_is_one_clear_error(tmp_path):
         dm.prepare_data()
 
 
+@pytest.fixture
+def zenodo(tmp_path, monkeypatch):
+    """A stand-in for Zenodo: the fake files as its record publishes them, MD5s included.
+    Tests set .download to change what a download writes; .urls records what was fetched."""
+    source = small_fake(tmp_path / "source")
+    record = {name: hashlib.md5((source / name).read_bytes()).hexdigest() for name in NAMES}
+    server = SimpleNamespace(source=source, urls=[], download=None)
+
+    def fetch(url, path):
+        server.urls.append(url)
+        if server.download:
+            return server.download(url, path)
+        shutil.copy(source / url.rsplit("/", 1)[1], path)
+
+    monkeypatch.setattr(miniimagenet, "published_md5", lambda: record)
+    monkeypatch.setattr("learn2learn.data.utils.download_file", fetch)
+    return server
+
+
 def test_offline_download_is_one_clear_error(tmp_path, monkeypatch):
-    def offline(url, path):
-        Path(path).write_bytes(b"\x80 half a pickle")  # the connection drops mid-download
+    def offline():
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr("learn2learn.data.utils.download_file", offline)
+    monkeypatch.setattr(miniimagenet, "published_md5", offline)
     root = tmp_path / "nowhere"
     dm = MiniImageNetDataModule(root=str(root), cache_dir=str(tmp_path / "cache"))
     message = (f"data.root='{root}' is invalid: no Mini-ImageNet there (looked for "
@@ -181,34 +202,38 @@ def test_offline_download_is_one_clear_error(tmp_path, monkeypatch):
                f"(Temporary failure in name resolution)")
     with pytest.raises(SettingError, match=re.escape(message)):
         dm.prepare_data()
+    assert list(root.iterdir()) == []
+
+
+def test_a_download_cut_short_leaves_nothing_behind(tmp_path, zenodo):
+    def cut(url, path):
+        Path(path).write_bytes(b"\x80 half a pickle")  # the connection drops mid-download
+        raise OSError("Connection reset by peer")
+
+    zenodo.download = cut
+    root = tmp_path / "root"
+    with pytest.raises(SettingError, match=r"download failed \(Connection reset by peer\)"):
+        MiniImageNetDataModule(root=str(root), cache_dir=str(tmp_path / "cache")).prepare_data()
     assert list(root.iterdir()) == []  # no truncated pickle, no partial file
 
 
-def test_error_page_instead_of_a_pickle_is_a_failed_download(tmp_path, monkeypatch):
-    monkeypatch.setattr("learn2learn.data.utils.download_file",
-                        lambda url, path: Path(path).write_text("<html>503</html>"))
+def test_a_download_that_fails_its_checksum_is_rejected(tmp_path, zenodo):
+    zenodo.download = lambda url, path: Path(path).write_text("<html>503</html>")
     root = tmp_path / "root"
-    with pytest.raises(SettingError, match=r"data\.root=.*download failed .*other than a pickle"):
+    with pytest.raises(SettingError, match=r"download failed \(mini-imagenet-cache-train.pkl: "
+                                           r"its MD5 \w+ is not the published \w+\)"):
         MiniImageNetDataModule(root=str(root), cache_dir=str(tmp_path / "cache")).prepare_data()
     assert list(root.iterdir()) == []
 
 
-def test_download_fetches_only_missing_files_from_zenodo(tmp_path, monkeypatch):
-    source = small_fake(tmp_path / "source")
+def test_download_fetches_only_missing_files_from_zenodo(tmp_path, zenodo):
     root = tmp_path / "root"
     root.mkdir()
-    shutil.copy(source / NAMES[0], root / NAMES[0])
-    urls = []
-
-    def fetch(url, path):
-        urls.append(url)
-        shutil.copy(source / url.rsplit("/", 1)[1], path)
-
-    monkeypatch.setattr("learn2learn.data.utils.download_file", fetch)
+    shutil.copy(zenodo.source / NAMES[0], root / NAMES[0])
     dm = MiniImageNetDataModule(root=str(root), ways=2, shots=1, queries=1,
                                 cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
-    assert urls == [f"https://zenodo.org/record/7978538/files/{n}" for n in NAMES[1:]]
+    assert zenodo.urls == [f"https://zenodo.org/record/7978538/files/{n}" for n in NAMES[1:]]
     assert sorted(p.name for p in root.iterdir()) == sorted(NAMES)
 
 
