@@ -99,7 +99,7 @@ class IMAML(pl.LightningModule):
         sampler = getattr(self.trainer.datamodule, "sampler", None) if self._trainer else None
         if sampler is None:
             return
-        x = sampler("val", torch.Generator().manual_seed(0))[0]
+        x = sampler("val", torch.Generator().manual_seed(0))[0].float()
         try:
             with torch.no_grad():
                 self.net(x)

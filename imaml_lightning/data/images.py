@@ -33,7 +33,9 @@ class LabeledImages:
 
 class ClassificationTasks:
     """Samples tasks: `ways` classes of a split, `shots` support and `queries` query images of
-    each, labels 0..ways-1 in the order the classes were drawn.
+    each, labels 0..ways-1 in the order the classes were drawn. Images stay uint8 (a quarter
+    of float32 to pass from DataLoader workers and to the device); `to_unit_range` makes them
+    floats in [0, 1] there.
 
     rotations: "classes" makes each class under each rotation by 90 degrees * k a class of its
     own (4x the classes: the MAML protocol for Omniglot); "augment" rotates each class of a task
@@ -82,10 +84,14 @@ class ClassificationTasks:
             x = rotate_each_class(x, drawn % ROTATIONS)
         elif self.rotations == "augment":
             x = rotate_each_class(x, torch.randint(ROTATIONS, (self.ways,), generator=generator))
-        x = x.float().div_(255)
         labels = torch.arange(self.ways)
         return (x[:, : self.shots].flatten(0, 1), labels.repeat_interleave(self.shots),
                 x[:, self.shots:].flatten(0, 1), labels.repeat_interleave(self.queries))
+
+
+def to_unit_range(batch):
+    """uint8 images of a task batch -> float32 in [0, 1]; other tensors unchanged."""
+    return tuple(t.float().div_(255) if t.dtype == torch.uint8 else t for t in batch)
 
 
 def rotate_each_class(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
@@ -138,6 +144,9 @@ class ImageClassificationDataModule(EpisodicDataModule):
 
     def prepare_data(self) -> None:  # once per node: download and fill the cache
         self.load()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return to_unit_range(batch)  # on the device: moved as uint8
 
     def make_sampler(self) -> ClassificationTasks:
         images, splits = self.load()

@@ -48,8 +48,7 @@ def owners(root, mode: str) -> dict:
 
 def classes_by_label(images: torch.Tensor, labels: torch.Tensor, lookup: dict) -> list:
     """For each label, the set of class folders its images come from."""
-    stored = (images * 255).round().to(torch.uint8)
-    return [{lookup[x.numpy().tobytes()] for x in stored[labels == label]}
+    return [{lookup[x.numpy().tobytes()] for x in images[labels == label]}
             for label in labels.unique().tolist()]
 
 
@@ -81,7 +80,10 @@ def test_episode_shapes_labels_range_and_pixels(root, cache_dir, channels, mode)
     xs, ys, xq, yq = dm.sampler("train", task_generator(0, "train", 0))
     assert xs.shape == (6, channels, SIDE, SIDE) and xq.shape == (9, channels, SIDE, SIDE)
     assert ys.tolist() == [0, 0, 1, 1, 2, 2] and yq.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert xs.dtype == torch.float32 and 0 <= xs.min() and xs.max() <= 1 and xs.max() > 0.9
+    assert xs.dtype == torch.uint8  # made float on the device
+    float_xs = dm.on_after_batch_transfer((xs, ys, xq, yq), 0)[0]
+    assert float_xs.dtype == torch.float32 and 0 <= float_xs.min() and float_xs.max() <= 1
+    assert torch.equal((float_xs * 255).round().to(torch.uint8), xs)
     lookup = owners(root, mode)  # decoded exactly as PIL converts the file to gray or RGB
     per_label = classes_by_label(torch.cat([xs, xq]), torch.cat([ys, yq]), lookup)
     assert all(len(c) == 1 for c in per_label) and len(set.union(*per_label)) == 3

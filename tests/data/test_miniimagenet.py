@@ -64,7 +64,7 @@ def small_fake(root: Path) -> Path:
 
 
 def owners(owner: dict, x: torch.Tensor) -> list:
-    stored = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # back to the pickle's HWC
+    stored = x.permute(0, 2, 3, 1)  # back to the pickle's HWC
     return [owner[image.numpy().tobytes()] for image in stored]
 
 
@@ -73,7 +73,9 @@ def test_episode_shapes_labels_and_value_range(mini):
     assert xs.shape == (10, 3, 84, 84) and xq.shape == (15, 3, 84, 84)
     assert ys.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert yq.tolist() == [c for c in range(5) for _ in range(3)]
-    assert xs.dtype == xq.dtype == torch.float32
+    assert xs.dtype == xq.dtype == torch.uint8  # made float on the device:
+    xs = mini.on_after_batch_transfer((xs, ys, xq, yq), 0)[0]
+    assert xs.dtype == torch.float32
     assert 0 <= xs.min() < 0.01 and 0.99 < xs.max() <= 1  # uint8 / 255, not 0..255 nor squashed
     assert mini.out_features == 5
 
