@@ -30,7 +30,7 @@ def summarize_parse_error(message: str) -> str:
     keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
     expected = re.search(r"Expected (?:a |an )?(.+?)\. Got value: (.*)", message)
     if not keys or not expected:
-        return " ".join(line.strip() for line in message.strip().splitlines()[:3])
+        return " ".join(line.strip() for line in message.strip().splitlines())
     allowed, value = expected.groups()
     literal = re.fullmatch(r"typing\.Literal\[(.*)\]", allowed)
     allowed = re.sub(r"<class '([\w.]+)'>", r"\1", allowed)

@@ -99,8 +99,12 @@ class IMAML(pl.LightningModule):
         sampler = getattr(self.trainer.datamodule, "sampler", None) if self._trainer else None
         if sampler is None:
             return
-        x = sampler("val", torch.Generator().manual_seed(0))[0].float()
+        x = sampler("val", torch.Generator().manual_seed(0))[0]
+        weight = next(self.net.parameters())
+        x = x.to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
+        training = self.net.training
         try:
+            self.net.eval()  # a user's network may keep running statistics: leave them be
             with torch.no_grad():
                 self.net(x)
         except RuntimeError as error:
@@ -109,6 +113,8 @@ class IMAML(pl.LightningModule):
                 f"({str(error).splitlines()[0]}); make model.net.init_args (in_channels, "
                 f"image_size, in_features) match the data (data.channels, data.image_size)"
             ) from None
+        finally:
+            self.net.train(training)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr, eps=self.hparams.adam_eps)

@@ -9,7 +9,6 @@ classes in SHA-256 order of their names, the first share for meta-training, the 
 meta-validation and the rest for meta-testing (`split_ratios`), or the folders named per split
 (`split_classes`).
 """
-import hashlib
 from itertools import accumulate, combinations
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
@@ -18,7 +17,7 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-from imaml_lightning.data.cache import cached, fingerprint
+from imaml_lightning.data.cache import cached, fingerprint, source_tag
 from imaml_lightning.data.images import (
     ImageClassificationDataModule, LabeledImages, ranked, read_image,
 )
@@ -81,10 +80,13 @@ def check_split_classes(split_classes: Dict[str, List[str]], names: List[str], r
                                f"and the {b} split; splits must not share classes")
 
 
+def fit(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    return image if size is None else resize(image, [size, size], antialias=True)
+
+
 def decode_all(files: List[Path], root: Path, mode: str, size: Optional[int]) -> torch.Tensor:
-    images = [pil_to_tensor(read_image(path, mode)) for path in files]
-    if size is not None:
-        images = [resize(image, [size, size], antialias=True) for image in images]
+    # Resized as decoded: a folder of photos never sits in memory at full size.
+    images = [fit(pil_to_tensor(read_image(path, mode)), size) for path in files]
     for path, image in zip(files, images):
         if image.shape != images[0].shape:
             (height, width), (first_height, first_width) = image.shape[1:], images[0].shape[1:]
@@ -159,8 +161,8 @@ class FolderDataModule(ImageClassificationDataModule):
         all_files = [path for images in files.values() for path in images]
         mode = "L" if self.channels == 1 else "RGB"
         # One cache per (root, size, channels): a rebuild replaces only its own predecessor.
-        where = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8]
-        prefix = f"folder-{self.root.name}-{where}-{self.image_size or 'native'}px-{self.channels}ch"
+        prefix = (f"folder-{self.root.name}-{source_tag(self.root)}-"
+                  f"{self.image_size or 'native'}px-{self.channels}ch")
         images = cached(self.cache_dir, prefix, fingerprint(all_files, self.root, "folder/v1"),
                         lambda: {"images": decode_all(all_files, self.root, mode,
                                                       self.image_size)})["images"]

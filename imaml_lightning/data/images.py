@@ -3,8 +3,8 @@
 Every image dataset (Omniglot, Mini-ImageNet, a user's folders) becomes a `LabeledImages`: one
 tensor [images, C, H, W] and the image indices of each class. `ClassificationTasks` draws tasks
 from it by tensor indexing. learn2learn's TaskDataset (MetaDataset + NWays + KShots + LoadData +
-RemapLabels) draws the same kind of task 2.5x slower at Omniglot 5-way 1-shot and 31x slower at
-20-way 5-shot (benchmarks/data_pipeline.py: it loads images one at a time through
+RemapLabels) draws the same tasks 3.4x slower at Omniglot 5-way 1-shot and 30x slower at 20-way
+5-shot (benchmarks/data_pipeline.py, no rotations: it loads images one at a time through
 Dataset.__getitem__ and filters label lists in Python), so we keep our own.
 """
 import hashlib
@@ -146,7 +146,10 @@ class ImageClassificationDataModule(EpisodicDataModule):
         self.load()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return to_unit_range(batch)  # on the device: moved as uint8
+        batch = to_unit_range(batch)  # on the device: moved as uint8
+        # Lightning casts floats for "-true" precisions before the transfer, when these were
+        # still uint8: cast them now.
+        return self.trainer.precision_plugin.convert_input(batch) if self.trainer else batch
 
     def make_sampler(self) -> ClassificationTasks:
         images, splits = self.load()

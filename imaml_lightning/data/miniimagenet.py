@@ -10,13 +10,15 @@ the images into float32, 4x the memory (3.3 GB for the train split alone).
 import hashlib
 import os
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
+from filelock import FileLock
 
-from imaml_lightning.data.cache import cached, fingerprint
+from imaml_lightning.data.cache import cached, fingerprint, source_tag
 from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages
 from imaml_lightning.errors import SettingError
 
@@ -48,24 +50,29 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(root: Path, missing: List[Path]) -> None:
-    """Fetch the missing pickles, each into a hidden partial file that is renamed only once its
-    MD5 matches the published one: a killed or damaged download never takes the real name."""
+def download(root: Path) -> None:
+    """Fetch the pickles missing from root, each into a temporary file that is renamed only
+    once its MD5 matches the published one: a killed or damaged download never takes the
+    real name. Runs sharing the root (nodes, a sweep) download one at a time."""
     from learn2learn.data import utils  # a slow import, needed only here
 
     try:
         root.mkdir(parents=True, exist_ok=True)
-        expected = published_md5()
-        for path in missing:
-            partial, url = path.with_name(f".{path.name}.partial"), URL.format(name=path.name)
-            try:
-                utils.download_file(url, str(partial))  # does not check the HTTP status
-                if md5(partial) != expected.get(path.name):
-                    raise OSError(f"{path.name}: its MD5 {md5(partial)} is not the published "
-                                  f"{expected.get(path.name)}")
-                os.replace(partial, path)
-            finally:
-                partial.unlink(missing_ok=True)
+        with FileLock(root / ".mini-imagenet.lock"):
+            missing = [path for path in pickle_paths(root) if not path.is_file()]
+            expected = published_md5() if missing else {}
+            for path in missing:
+                handle, partial = tempfile.mkstemp(dir=root, prefix=f".{path.name}.",
+                                                   suffix=".partial")
+                os.close(handle)
+                try:
+                    utils.download_file(URL.format(name=path.name), partial)  # no HTTP status check
+                    got, want = md5(Path(partial)), expected.get(path.name, "not in the record")
+                    if got != want:
+                        raise OSError(f"{path.name}: its MD5 {got} is not the published {want}")
+                    os.replace(partial, path)
+                finally:
+                    Path(partial).unlink(missing_ok=True)
     except Exception as error:  # offline, read-only root, server error, checksum mismatch...
         raise SettingError(
             f"data.root={str(root)!r} is invalid: no Mini-ImageNet there (looked for "
@@ -127,7 +134,7 @@ def load_images(root: Path, cache_dir: Path) -> Tuple[LabeledImages, Dict[str, t
                 "classes_per_file": torch.tensor(classes_per_file), "names": names}
 
     key = fingerprint(paths, root, "miniimagenet/v1")
-    stored = cached(cache_dir, "miniimagenet", key, build)
+    stored = cached(cache_dir, f"miniimagenet-{source_tag(root)}", key, build)
     members = list(stored["members"].split(stored["class_sizes"].tolist()))
     class_ids = torch.arange(len(members)).split(stored["classes_per_file"].tolist())
     splits = dict(zip(FILE_MODES, class_ids))
@@ -168,5 +175,5 @@ class MiniImageNetDataModule(ImageClassificationDataModule):
                                f"(looked for {FILE_PATTERN}, missing {[p.name for p in missing]}) "
                                f"and data.download is false")
         if missing:
-            download(self.root, missing)
+            download(self.root)
         return load_images(self.root, self.cache_dir)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from imaml_lightning.data.cache import cached, fingerprint
+from imaml_lightning.data.cache import cached, fingerprint, source_tag
 from imaml_lightning.data.images import (
     ImageClassificationDataModule, LabeledImages, ranked, read_image,
 )
@@ -117,7 +117,7 @@ def load_images(base: Path, characters: List[List[Path]], size: int, cache_dir: 
         images = np.stack([load_image(p, size) for p in files])
         return {"images": torch.from_numpy(images).unsqueeze(1)}
 
-    images = cached(cache_dir, f"omniglot-{size}px", key, build)["images"]
+    images = cached(cache_dir, f"omniglot-{source_tag(base)}-{size}px", key, build)["images"]
     members = list(torch.arange(len(files)).view(len(characters), DRAWERS))
     return LabeledImages(images, members, [character_name(f) for f in characters])
 

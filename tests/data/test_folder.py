@@ -330,3 +330,12 @@ def test_a_network_built_for_other_images_is_one_clear_error(workdir, root):
     (error,) = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert error.startswith("error: model.net is invalid for this data: its inputs are [3, 28, 28]")
     assert "data.image_size" in error
+
+
+def test_true_precision_runs_cast_the_uint8_images_too(workdir, root):
+    """Lightning casts a batch for "-true" precisions before its transfer, when images are still
+    uint8; the data module casts them after making them floats."""
+    run_cli(workdir, *fit_args(root, workdir / "cache", "--data.init_args.ways", "3",
+                               "--trainer.precision", "64-true", "--trainer.max_steps", "1"))
+    weights = load(workdir / "checkpoints" / "last.ckpt")["state_dict"]["net.classifier.weight"]
+    assert weights.dtype == torch.float64

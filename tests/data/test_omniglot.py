@@ -92,7 +92,7 @@ def test_episodes_are_deterministic_and_split_specific(omniglot):
 
 
 def test_cache_lives_outside_the_dataset_root(omniglot, omniglot_root, cache_dir):
-    assert list(cache_dir.glob("omniglot-28px-*.pt"))
+    assert list(cache_dir.glob("omniglot-*-28px-*.pt"))
     assert not list(omniglot_root.rglob("*.pt"))
 
 
