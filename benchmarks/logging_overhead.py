@@ -65,7 +65,8 @@ def logging_code():
     from imaml_lightning.solver import imaml
 
     return [(imaml, "query_loss_before_adaptation"), (IMAML, "log_training"),
-            (IMAML, "log_progress"), (TrainingCharts, "on_train_batch_end"),
+            (IMAML, "score_after_adaptation"), (IMAML, "log_progress"),
+            (TrainingCharts, "on_train_batch_end"),
             (TensorBoardLogger, "log_metrics")]
 
 

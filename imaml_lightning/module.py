@@ -158,14 +158,23 @@ class IMAML(pl.LightningModule):
             schedule.step()
         seconds = time.perf_counter() - start
         tasks_per_second = len(tasks.query_y) * self.trainer.world_size / seconds
+        score_after = self.score_after_adaptation(result, tasks.query_y)
         if logs:
-            self.log_training(result, tasks.query_y, outer_lr, seconds, tasks_per_second)
-        self.log_progress(result, tasks.query_y, tasks_per_second)
+            self.log_training(result, tasks.query_y, score_after, outer_lr, seconds,
+                              tasks_per_second)
+        self.log_progress(score_after, tasks_per_second)
+        d = result.diagnostics
         curves = ("inner_objective_trace", "cg_residual_norms")  # for the TrainingCharts callback
-        outputs = {k: result.diagnostics[k].mean(0) for k in curves if k in result.diagnostics}
+        outputs = {k: d[k].mean(0) for k in curves if k in d}
         if self.classification:  # the first task's query predictions, for the episode picture
-            outputs["query_predictions"] = result.diagnostics["query_output_after"][0].argmax(-1)
+            outputs["query_predictions"] = d["query_output_after"][0].argmax(-1)
         return outputs
+
+    def score_after_adaptation(self, result, query_y: torch.Tensor) -> torch.Tensor:
+        """Meta-batch mean query accuracy (or loss) after adaptation: progress bar and logs."""
+        d = result.diagnostics
+        return (self.episode_scores(d["query_output_after"], query_y).mean()
+                if self.classification else d["query_loss_after"].mean())
 
     def logs_this_step(self) -> bool:
         """Whether this step's scalars reach a logger (every trainer.log_every_n_steps): only
@@ -175,8 +184,8 @@ class IMAML(pl.LightningModule):
         return bool(self.loggers) and (trainer._logger_connector.should_update_logs
                                        or bool(trainer.fast_dev_run))
 
-    def log_training(self, result, query_y: torch.Tensor, outer_lr: float, seconds: float,
-                     tasks_per_second: float) -> None:
+    def log_training(self, result, query_y: torch.Tensor, score_after: torch.Tensor,
+                     outer_lr: float, seconds: float, tasks_per_second: float) -> None:
         d = result.diagnostics
         metrics = {f"train/{name}": d[name].float().mean() for name in (
             "query_loss_before", "query_loss_after", "inner_objective_before",
@@ -193,15 +202,12 @@ class IMAML(pl.LightningModule):
             metrics["train/cg_negative_curvature"] = d["cg_negative_curvature"].float().mean()
         if self.classification:
             metrics["train/acc_before"] = self.episode_scores(d["query_output_before"], query_y).mean()
-            metrics["train/acc_after"] = self.episode_scores(d["query_output_after"], query_y).mean()
+            metrics["train/acc_after"] = score_after
         self.log_dict(metrics, prog_bar=False)
 
-    def log_progress(self, result, query_y: torch.Tensor, tasks_per_second: float) -> None:
-        """The progress bar's meta-train score after adaptation and tasks/s, every step."""
-        d = result.diagnostics
-        progress = (self.episode_scores(d["query_output_after"], query_y).mean()
-                    if self.classification else d["query_loss_after"].mean())
-        self.log(f"train/{self.score_name}", progress, prog_bar=True, logger=False)
+    def log_progress(self, score_after: torch.Tensor, tasks_per_second: float) -> None:
+        """The progress bar: meta-train score after adaptation and tasks/s, every step."""
+        self.log(f"train/{self.score_name}", score_after, prog_bar=True, logger=False)
         self.log("tasks/s", tasks_per_second, prog_bar=True, logger=False)
 
     def evaluate(self, batch, score: MeanConfidenceInterval) -> None:

@@ -22,7 +22,7 @@ from imaml_lightning.data.cache import cached, fingerprint, source_tag
 from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages
 from imaml_lightning.errors import SettingError
 
-FILE_MODES = {"train": "train", "val": "validation", "test": "test"}  # our split -> file name
+FILE_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the file name's
 FILE_PATTERN = "mini-imagenet-cache-{train,validation,test}.pkl"
 URL = "https://zenodo.org/record/7978538/files/{name}"  # learn2learn 0.2.0's mirror
 RECORD = "https://zenodo.org/api/records/7978538"  # its metadata lists each file's MD5
@@ -30,7 +30,7 @@ IMAGE_SHAPE = (84, 84, 3)
 
 
 def pickle_paths(root: Path) -> List[Path]:
-    return [root / f"mini-imagenet-cache-{mode}.pkl" for mode in FILE_MODES.values()]
+    return [root / f"mini-imagenet-cache-{mode}.pkl" for mode in FILE_SPLITS.values()]
 
 
 def published_md5() -> Dict[str, str]:
@@ -137,7 +137,7 @@ def load_images(root: Path, cache_dir: Path) -> Tuple[LabeledImages, Dict[str, t
     stored = cached(cache_dir, f"miniimagenet-{source_tag(root)}", key, build)
     members = list(stored["members"].split(stored["class_sizes"].tolist()))
     class_ids = torch.arange(len(members)).split(stored["classes_per_file"].tolist())
-    splits = dict(zip(FILE_MODES, class_ids))
+    splits = dict(zip(FILE_SPLITS, class_ids))
     return LabeledImages(stored["images"], members, stored["names"]), splits
 
 

@@ -100,7 +100,7 @@ def alphabet_split(characters: List[List[Path]]) -> Dict[str, torch.Tensor]:
             "test": torch.tensor(in_set[SETS[1]])}
 
 
-SPLITS = {"paper": paper_split, "alphabet": alphabet_split}
+SPLIT_MODES = {"paper": paper_split, "alphabet": alphabet_split}
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -153,7 +153,7 @@ class OmniglotDataModule(ImageClassificationDataModule):
         super().__init__(ways, shots, queries, rotations, cache_dir, **kwargs)
         require(shots + queries <= DRAWERS, "data.shots + data.queries", shots + queries,
                 f"must be <= {DRAWERS}, the images per Omniglot character")
-        require(split in SPLITS, "data.split", split, f"must be one of {tuple(SPLITS)}")
+        require(split in SPLIT_MODES, "data.split", split, f"must be one of {tuple(SPLIT_MODES)}")
         require(image_size >= 8, "data.image_size", image_size, "must be >= 8")
         self.root, self.split, self.image_size, self.download = Path(root), split, image_size, download
 
@@ -168,4 +168,4 @@ class OmniglotDataModule(ImageClassificationDataModule):
         base = self._base()
         characters = list_characters(base)
         images = load_images(base, characters, self.image_size, self.cache_dir)
-        return images, SPLITS[self.split](characters)
+        return images, SPLIT_MODES[self.split](characters)
