@@ -3,6 +3,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from imaml_lightning.errors import require
+
+HEADS = ("flatten", "average")
+
 
 def conv_block(in_channels: int, out_channels: int, max_pool: bool) -> nn.Sequential:
     # BatchNorm without running statistics: every task is normalized by its own batch, in
@@ -19,12 +23,13 @@ def conv_block(in_channels: int, out_channels: int, max_pool: bool) -> nn.Sequen
 
 class ConvNet(nn.Module):
     """The conv-4 of MAML/iMAML: `depth` blocks of [3x3 conv -> BatchNorm -> ReLU], strided
-    (Omniglot) or followed by 2x2 max-pooling (Mini-ImageNet), then a linear classifier on the
-    flattened features (`image_size` fixes their number).
+    (Omniglot) or followed by 2x2 max-pooling (Mini-ImageNet), then a linear classifier.
 
-    Flattened rather than averaged over space (MAML's TensorFlow code averages on Omniglot):
-    in an exploratory Omniglot 5-way 1-shot trial the flattened head learned far faster; a
-    benchmark script that reproduces the comparison is still to be written (see the issue notes).
+    head: "flatten" (default): the classifier reads the flattened features (`image_size` fixes
+        their number); "average": it reads their average over space (`hidden` numbers, whatever
+        the image size), as MAML's TensorFlow code does on Omniglot. Flatten is the default
+        because it learns much faster on Omniglot 5-way 1-shot (val accuracy after 300 steps of
+        the shipped config: 91.5% vs 75.5%; benchmarks/classifier_head.py, table in the README).
     """
 
     def __init__(
@@ -35,8 +40,11 @@ class ConvNet(nn.Module):
         depth: int = 4,
         max_pool: bool = False,
         image_size: int = 28,
+        head: str = "flatten",
     ):
         super().__init__()
+        require(head in HEADS, "model.net.init_args.head", head, f"must be one of {HEADS}")
+        self.head = head
         channels = [in_channels] + [hidden] * depth
         self.features = nn.Sequential(
             *(conv_block(a, b, max_pool) for a, b in zip(channels[:-1], channels[1:]))
@@ -44,10 +52,13 @@ class ConvNet(nn.Module):
         side = image_size
         for _ in range(depth):
             side = side // 2 if max_pool else (side + 1) // 2
-        self.classifier = nn.Linear(hidden * side * side, out_features)
+        features = hidden * side * side if head == "flatten" else hidden
+        self.classifier = nn.Linear(features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        features = self.features(x)
+        features = features.flatten(1) if self.head == "flatten" else features.mean((2, 3))
+        return self.classifier(features)
 
 
 class MLP(nn.Module):

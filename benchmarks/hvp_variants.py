@@ -1,0 +1,168 @@
+"""How fast can the solver's two kernels be made? The speed target of issue 3 (1.2 s per
+meta-iteration, 1.3x the compute floor) assumes a per-task gradient costs one batched
+forward+backward pass and a Hessian-vector product two. This script measures, in the
+reference configuration of `benchmarks.solver_speed` (Omniglot 5-way 1-shot, 32 tasks with their
+own parameters, conv-4 with BatchNorm), what each way of computing them costs in passes:
+
+- gradient: torch.func.vmap(grad) eager (shipped) and under torch.compile;
+- HVP: forward-over-reverse (jvp of grad, shipped) eager and compiled; torch.func.linearize of
+  the gradient and reverse-over-reverse (vjp of grad), both built once per point and reused by
+  the CG products; BatchNorm as nn.BatchNorm2d and written in plain tensor ops.
+
+Each HVP is timed as 5 products at one point (as in CG) divided by 5, so reverse-over-reverse
+is credited with reusing its graph. Results are checked against the shipped kernels. The last
+table is the best case: the meta-iteration if the solver cost nothing but its fastest kernels.
+
+Usage: python -m benchmarks.hvp_variants [--repeats 5] [--no-compile]
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, linearize, vjp, vmap
+
+from benchmarks.common import machine, markdown_table, median_seconds, omniglot_shaped_tasks
+from benchmarks.solver_speed import CG, K, META_BATCH, QUERIES, SHOTS, WAYS
+from imaml_lightning.models import ConvNet
+from imaml_lightning.solver import hessian_vector_product, tree
+
+TARGET_SECONDS, TARGET_EFFICIENCY = 1.2, 1.3
+
+
+class PlainBatchNorm2d(nn.Module):
+    """Batch-statistics BatchNorm in elementary ops (same parameter names as nn.BatchNorm2d):
+    its double backward is elementary too, which vmap can batch (nn.BatchNorm2d's cannot)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+
+    def forward(self, x):
+        var, mean = torch.var_mean(x, (0, 2, 3), correction=0, keepdim=True)
+        scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias[:, None, None]
+
+
+def with_plain_batch_norm(net: ConvNet) -> ConvNet:
+    plain = ConvNet(WAYS)
+    plain.load_state_dict(net.state_dict())
+    for block in plain.features:
+        block[1] = PlainBatchNorm2d(block[1])
+    return plain
+
+
+def loss_of(net):
+    return lambda p, x, y: F.cross_entropy(functional_call(net, p, (x,)), y)
+
+
+def forward_over_reverse(loss):
+    """5 HVPs at one point, each one jvp of the gradient (the shipped kernel)."""
+    def products(p, x, y, vs):
+        return [hessian_vector_product(lambda q: loss(q, x, y), p, v) for v in vs]
+    return vmap(products)
+
+
+def reverse_over_reverse(loss):
+    """5 HVPs at one point from one vjp of the gradient (the graph is built once)."""
+    def products(p, x, y, vs):
+        _, hvp = vjp(grad(lambda q: loss(q, x, y)), p)
+        return [hvp(v)[0] for v in vs]
+    return vmap(products)
+
+
+def linearized(loss):
+    """5 HVPs at one point from torch.func.linearize of the gradient (primal computed once)."""
+    def products(p, x, y, vs):
+        _, hvp = linearize(grad(lambda q: loss(q, x, y)), p)
+        return [hvp(v) for v in vs]
+    return vmap(products)
+
+
+def relative_error(out, ref) -> float:
+    return max((tree.norm(tree.add(o, r, -1.0)) / tree.norm(r)).item() for o, r in zip(out, ref))
+
+
+def measure(name, fn, args, reference, per_call, repeats, pass_time, compile_fn=False):
+    """One table row: [variant, passes per kernel call, error vs shipped, note]."""
+    note = ""
+    try:
+        if compile_fn:
+            fn = torch.compile(fn, dynamic=False)
+            start = time.perf_counter()
+            fn(*args)
+            note = f"compile {time.perf_counter() - start:.0f} s"
+        out = fn(*args)
+    except Exception as error:  # a variant that PyTorch cannot run is a result too
+        return [name, "fails", "", f"{type(error).__name__}: {str(error).splitlines()[0][:90]}"]
+    error = relative_error(out if isinstance(out, list) else [out],
+                           reference if isinstance(reference, list) else [reference])
+    seconds = median_seconds(lambda: fn(*args), repeats, 1) / per_call
+    return [name, f"{seconds / pass_time:.2f}", f"{error:.1e}", note], seconds
+
+
+def main(repeats: int, use_compile: bool) -> None:
+    torch.manual_seed(0)
+    net = ConvNet(WAYS)
+    plain = with_plain_batch_norm(net)
+    tasks = omniglot_shaped_tasks(META_BATCH, WAYS, SHOTS, QUERIES)
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    phi = {k: v.expand(META_BATCH, *v.shape) + 1e-2 * torch.randn(META_BATCH, *v.shape)
+           for k, v in theta.items()}
+    vectors = [{k: torch.randn_like(v) for k, v in phi.items()} for _ in range(CG)]
+    x, y = tasks.support_x, tasks.support_y
+    support, labels = x.flatten(0, 1), y.flatten()
+
+    def forward_backward():
+        net.zero_grad()
+        F.cross_entropy(net(support), labels).backward()
+
+    pass_time = median_seconds(forward_backward, repeats=20, warmup=3)
+    gradients = vmap(grad(loss_of(net)))
+    grad_ref = gradients(phi, x, y)
+    hvp_ref = forward_over_reverse(loss_of(net))(phi, x, y, vectors)
+
+    grad_rows = [("vmap(grad), eager (shipped)", gradients, False)]
+    hvp_rows = [("forward-over-reverse, eager (shipped)", forward_over_reverse(loss_of(net)), False),
+                ("forward-over-reverse, plain-ops BatchNorm", forward_over_reverse(loss_of(plain)), False),
+                ("linearize (primal once), nn.BatchNorm2d", linearized(loss_of(net)), False),
+                ("reverse-over-reverse, nn.BatchNorm2d", reverse_over_reverse(loss_of(net)), False),
+                ("reverse-over-reverse, plain-ops BatchNorm", reverse_over_reverse(loss_of(plain)), False)]
+    if use_compile:
+        grad_rows.append(("vmap(grad), torch.compile", vmap(grad(loss_of(net))), True))
+        hvp_rows.append(("forward-over-reverse, torch.compile",
+                         forward_over_reverse(loss_of(net)), True))
+    table, best = [], {}
+    for kind, rows, args, reference, per_call in (
+            ("gradient", grad_rows, (phi, x, y), grad_ref, 1),
+            ("HVP", hvp_rows, (phi, x, y, vectors), hvp_ref, CG)):
+        for name, fn, compiled in rows:
+            row = measure(name, fn, args, reference, per_call, repeats, pass_time, compiled)
+            if isinstance(row, tuple):
+                row, seconds = row
+                best[kind] = min(best.get(kind, (seconds, name)), (seconds, name))
+            table.append([kind] + row)
+    print(machine())
+    print(f"one batched forward+backward of the {len(support)} support images: "
+          f"{pass_time * 1e3:.1f} ms; {META_BATCH} tasks, {WAYS}-way {SHOTS}-shot\n")
+    print(markdown_table(["kernel", "variant", "batched passes per call", "error vs shipped",
+                          "note"], table))
+    floor = (K + 2 * CG + 2) * pass_time
+    grad_s, grad_name = best["gradient"]
+    hvp_s, hvp_name = best["HVP"]
+    best_case = (K + 1) * grad_s + CG * hvp_s
+    print(f"\nBest case: (K + 1) = {K + 1} gradients ({grad_name}) + {CG} HVPs ({hvp_name}), "
+          "nothing else:\n")
+    print(markdown_table(["measurement", "value", "target"], [
+        ["seconds per meta-iteration, kernels only", f"{best_case:.3f}", f"<= {TARGET_SECONDS}"],
+        ["efficiency: kernels only / floor", f"{best_case / floor:.2f}", f"<= {TARGET_EFFICIENCY}"],
+    ]))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", dest="use_compile", action="store_false",
+                        help="skip the torch.compile variants (they compile for about a minute)")
+    main(**vars(parser.parse_args()))
