@@ -7,15 +7,18 @@ own parameters, conv-4 with BatchNorm), what each way of computing them costs in
 - gradient: torch.func.vmap(grad) eager (shipped) and under torch.compile;
 - HVP: forward-over-reverse (jvp of grad, shipped) eager and compiled; torch.func.linearize of
   the gradient and reverse-over-reverse (vjp of grad), both built once per point and reused by
-  the CG products; BatchNorm as nn.BatchNorm2d and written in plain tensor ops.
+  the CG products; BatchNorm as nn.BatchNorm2d and written in plain tensor ops;
+- both without vmap, on the conv-4 written by hand for a leading task dimension.
 
 Each HVP is timed as 5 products at one point (as in CG) divided by 5, so reverse-over-reverse
-is credited with reusing its graph. Results are checked against the shipped kernels. The last
-table is the best case: the meta-iteration if the solver cost nothing but its fastest kernels.
+is credited with reusing its graph. Each result is compared with the shipped kernel's in
+float64. The last table is the best case: the meta-iteration if the solver cost nothing but its
+fastest kernels.
 
 Usage: python -m benchmarks.hvp_variants [--repeats 5] [--no-compile]
 """
 import argparse
+import copy
 import time
 
 import torch
@@ -80,12 +83,38 @@ def linearized(loss):
     return vmap(products)
 
 
+def task_batched_loss(p, x, y):
+    """Sum over tasks of each task's support loss, the conv-4 written by hand for a leading task
+    dimension (grouped convolutions, BatchNorm over task-channels) instead of vmap: tasks are
+    independent, so its gradient and Hessian are the per-task ones, stacked / block-diagonal."""
+    tasks, shots = x.shape[:2]
+    h = x.transpose(0, 1).flatten(1, 2)  # [shots, tasks * channels, H, W]
+    for i in range(len([k for k in p if k.endswith(".0.weight")])):
+        block = f"features.{i}"
+        h = F.conv2d(h, p[f"{block}.0.weight"].flatten(0, 1), p[f"{block}.0.bias"].flatten(),
+                     stride=2, padding=1, groups=tasks)
+        h = F.relu(F.batch_norm(h, None, None, p[f"{block}.1.weight"].flatten(),
+                                p[f"{block}.1.bias"].flatten(), training=True))
+    features = h.reshape(shots, tasks, -1).transpose(0, 1)
+    logits = torch.einsum("tsf,tof->tso", features, p["classifier.weight"])
+    logits = logits + p["classifier.bias"][:, None]
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / shots
+
+
+def task_batched_gradient(p, x, y):
+    return grad(task_batched_loss)(p, x, y)
+
+
+def task_batched_hvps(p, x, y, vs):
+    return [hessian_vector_product(lambda q: task_batched_loss(q, x, y), p, v) for v in vs]
+
+
 def relative_error(out, ref) -> float:
     return max((tree.norm(tree.add(o, r, -1.0)) / tree.norm(r)).item() for o, r in zip(out, ref))
 
 
 def measure(name, fn, args, reference, per_call, repeats, pass_time, compile_fn=False):
-    """One table row: [variant, passes per kernel call, error vs shipped, note]."""
+    """One table row: [variant, passes per kernel call, error vs float64, note]."""
     note = ""
     try:
         if compile_fn:
@@ -120,25 +149,30 @@ def main(repeats: int, use_compile: bool) -> None:
 
     pass_time = median_seconds(forward_backward, repeats=20, warmup=3)
     gradients = vmap(grad(loss_of(net)))
-    grad_ref = gradients(phi, x, y)
-    hvp_ref = forward_over_reverse(loss_of(net))(phi, x, y, vectors)
+    # References: the shipped kernels in float64, so each variant's float32 error shows.
+    net64, double = copy.deepcopy(net).double(), lambda t: {k: v.double() for k, v in t.items()}
+    grad_ref = vmap(grad(loss_of(net64)))(double(phi), x.double(), y)
+    hvp_ref = forward_over_reverse(loss_of(net64))(double(phi), x.double(), y,
+                                                    [double(v) for v in vectors])
 
-    grad_rows = [("vmap(grad), eager (shipped)", gradients, False)]
-    hvp_rows = [("forward-over-reverse, eager (shipped)", forward_over_reverse(loss_of(net)), False),
-                ("forward-over-reverse, plain-ops BatchNorm", forward_over_reverse(loss_of(plain)), False),
-                ("linearize (primal once), nn.BatchNorm2d", linearized(loss_of(net)), False),
-                ("reverse-over-reverse, nn.BatchNorm2d", reverse_over_reverse(loss_of(net)), False),
-                ("reverse-over-reverse, plain-ops BatchNorm", reverse_over_reverse(loss_of(plain)), False)]
-    if use_compile:
+    fwd_rev, rev_rev = forward_over_reverse, reverse_over_reverse
+    grad_rows = [("vmap(grad), eager (shipped)", gradients),
+                 ("task-batched conv-4 by hand, no vmap", task_batched_gradient)]
+    hvp_rows = [("forward-over-reverse, eager (shipped)", fwd_rev(loss_of(net))),
+                ("forward-over-reverse, plain-ops BatchNorm", fwd_rev(loss_of(plain))),
+                ("forward-over-reverse, task-batched conv-4 by hand, no vmap", task_batched_hvps),
+                ("linearize (primal once), nn.BatchNorm2d", linearized(loss_of(net))),
+                ("reverse-over-reverse, nn.BatchNorm2d", rev_rev(loss_of(net))),
+                ("reverse-over-reverse, plain-ops BatchNorm", rev_rev(loss_of(plain)))]
+    if use_compile:  # a third entry: compile it first
         grad_rows.append(("vmap(grad), torch.compile", vmap(grad(loss_of(net))), True))
-        hvp_rows.append(("forward-over-reverse, torch.compile",
-                         forward_over_reverse(loss_of(net)), True))
+        hvp_rows.append(("forward-over-reverse, torch.compile", fwd_rev(loss_of(net)), True))
     table, best = [], {}
     for kind, rows, args, reference, per_call in (
             ("gradient", grad_rows, (phi, x, y), grad_ref, 1),
             ("HVP", hvp_rows, (phi, x, y, vectors), hvp_ref, CG)):
-        for name, fn, compiled in rows:
-            row = measure(name, fn, args, reference, per_call, repeats, pass_time, compiled)
+        for name, fn, *compiled in rows:
+            row = measure(name, fn, args, reference, per_call, repeats, pass_time, bool(compiled))
             if isinstance(row, tuple):
                 row, seconds = row
                 best[kind] = min(best.get(kind, (seconds, name)), (seconds, name))
@@ -146,7 +180,7 @@ def main(repeats: int, use_compile: bool) -> None:
     print(machine())
     print(f"one batched forward+backward of the {len(support)} support images: "
           f"{pass_time * 1e3:.1f} ms; {META_BATCH} tasks, {WAYS}-way {SHOTS}-shot\n")
-    print(markdown_table(["kernel", "variant", "batched passes per call", "error vs shipped",
+    print(markdown_table(["kernel", "variant", "batched passes per call", "error vs float64",
                           "note"], table))
     floor = (K + 2 * CG + 2) * pass_time
     grad_s, grad_name = best["gradient"]
