@@ -89,7 +89,7 @@ def task_batched_loss(p, x, y):
     independent, so its gradient and Hessian are the per-task ones, stacked / block-diagonal."""
     tasks, shots = x.shape[:2]
     h = x.transpose(0, 1).flatten(1, 2)  # [shots, tasks * channels, H, W]
-    for i in range(len([k for k in p if k.endswith(".0.weight")])):
+    for i in range(len([k for k in p if k.endswith(".0.weight")])):  # one per conv block
         block = f"features.{i}"
         h = F.conv2d(h, p[f"{block}.0.weight"].flatten(0, 1), p[f"{block}.0.bias"].flatten(),
                      stride=2, padding=1, groups=tasks)
@@ -114,7 +114,8 @@ def relative_error(out, ref) -> float:
 
 
 def measure(name, fn, args, reference, per_call, repeats, pass_time, compile_fn=False):
-    """One table row: [variant, passes per kernel call, error vs float64, note]."""
+    """(table row [variant, passes per kernel call, error vs float64, note], seconds per call);
+    seconds is None for a variant that fails."""
     note = ""
     try:
         if compile_fn:
@@ -124,7 +125,8 @@ def measure(name, fn, args, reference, per_call, repeats, pass_time, compile_fn=
             note = f"compile {time.perf_counter() - start:.0f} s"
         out = fn(*args)
     except Exception as error:  # a variant that PyTorch cannot run is a result too
-        return [name, "fails", "", f"{type(error).__name__}: {str(error).splitlines()[0][:90]}"]
+        message = f"{type(error).__name__}: {str(error).splitlines()[0][:90]}"
+        return [name, "fails", "", message], None
     error = relative_error(out if isinstance(out, list) else [out],
                            reference if isinstance(reference, list) else [reference])
     seconds = median_seconds(lambda: fn(*args), repeats, 1) / per_call
@@ -172,9 +174,9 @@ def main(repeats: int, use_compile: bool) -> None:
             ("gradient", grad_rows, (phi, x, y), grad_ref, 1),
             ("HVP", hvp_rows, (phi, x, y, vectors), hvp_ref, CG)):
         for name, fn, *compiled in rows:
-            row = measure(name, fn, args, reference, per_call, repeats, pass_time, bool(compiled))
-            if isinstance(row, tuple):
-                row, seconds = row
+            row, seconds = measure(name, fn, args, reference, per_call, repeats, pass_time,
+                                   bool(compiled))
+            if seconds is not None:
                 best[kind] = min(best.get(kind, (seconds, name)), (seconds, name))
             table.append([kind] + row)
     print(machine())
