@@ -19,7 +19,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from imaml_lightning.data.cache import cached, fingerprint, source_tag
 from imaml_lightning.data.images import (
-    ImageClassificationDataModule, LabeledImages, ranked, read_image,
+    ImageClassificationDataModule, LabeledImages, RotationMode, ranked, read_image,
 )
 from imaml_lightning.errors import SettingError, require
 
@@ -126,7 +126,7 @@ class FolderDataModule(ImageClassificationDataModule):
         channels: Literal[1, 3] = 3,
         split_ratios: Tuple[float, float, float] = (0.7, 0.15, 0.15),
         split_classes: Optional[Dict[str, List[str]]] = None,
-        rotations: Literal["classes", "augment", "none"] = "none",
+        rotations: RotationMode = "none",
         cache_dir: Optional[str] = None,
         **kwargs,
     ):

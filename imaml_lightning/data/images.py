@@ -10,7 +10,7 @@ Dataset.__getitem__ and filters label lists in Python), so we keep our own.
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple, get_args
 
 import torch
 from PIL import Image, ImageOps
@@ -20,7 +20,8 @@ from imaml_lightning.data.cache import default_cache_dir
 from imaml_lightning.data.episodes import TaskTensors
 from imaml_lightning.errors import SettingError, require
 
-ROTATION_MODES = ("classes", "augment", "none")
+RotationMode = Literal["classes", "augment", "none"]  # the type LightningCLI parses
+ROTATION_MODES = get_args(RotationMode)
 ROTATIONS = 4  # by 90 degrees * k
 
 

@@ -12,14 +12,14 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from filelock import FileLock
 
 from imaml_lightning.data.cache import cached, fingerprint, source_tag
-from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages
+from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages, RotationMode
 from imaml_lightning.errors import SettingError
 
 FILE_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the file name's
@@ -160,7 +160,7 @@ class MiniImageNetDataModule(ImageClassificationDataModule):
         ways: int = 5,
         shots: int = 1,
         queries: int = 15,
-        rotations: Literal["classes", "augment", "none"] = "none",
+        rotations: RotationMode = "none",
         download: bool = True,
         cache_dir: Optional[str] = None,
         **kwargs,

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from imaml_lightning.data.cache import cached, fingerprint, source_tag
 from imaml_lightning.data.images import (
-    ImageClassificationDataModule, LabeledImages, ranked, read_image,
+    ImageClassificationDataModule, LabeledImages, RotationMode, ranked, read_image,
 )
 from imaml_lightning.errors import SettingError, require
 
@@ -144,7 +144,7 @@ class OmniglotDataModule(ImageClassificationDataModule):
         shots: int = 1,
         queries: int = 5,
         split: Literal["paper", "alphabet"] = "paper",
-        rotations: Literal["classes", "augment", "none"] = "classes",
+        rotations: RotationMode = "classes",
         image_size: int = 28,
         download: bool = True,
         cache_dir: Optional[str] = None,
