@@ -143,8 +143,11 @@ class ImageClassificationDataModule(EpisodicDataModule):
         """The images (from the cache once built) and the class ids of each split."""
         raise NotImplementedError
 
-    def prepare_data(self) -> None:  # once per node: download and fill the cache
-        self.load()
+    def prepare_data(self) -> None:
+        """Once per node: download and fill the cache. The sampler built on the way serves
+        `setup` in this process, which would otherwise list and fingerprint the files again."""
+        if self.sampler is None:
+            self.sampler = self.make_sampler()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         batch = to_unit_range(batch)  # on the device: moved as uint8

@@ -144,6 +144,15 @@ def test_image_size_resizes_images_of_any_native_size(tmp_path):
     assert all((x == x[:, :1, :1]).all() for x in images)
 
 
+def test_prepare_data_then_setup_read_the_files_once(tmp_path, monkeypatch):
+    root = make_root(tmp_path / "root", CLASSES[:6], images=3)
+    loads = []
+    original = FolderDataModule.load
+    monkeypatch.setattr(FolderDataModule, "load", lambda self: loads.append(1) or original(self))
+    dm = build(root, tmp_path / "cache", **SMALL)
+    assert len(loads) == 1 and dm.sampler is not None
+
+
 def test_a_damaged_cache_is_rebuilt(tmp_path):
     root = make_root(tmp_path / "root", CLASSES[:6], images=3)
     first = build(root, tmp_path / "cache", **SMALL).sampler.images.clone()
