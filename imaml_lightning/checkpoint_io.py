@@ -15,6 +15,8 @@ from lightning_fabric.utilities.cloud_io import get_filesystem
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from imaml_lightning.errors import SettingError, display_path
+
 
 def atomic_torch_save(obj, path: _PATH) -> None:
     path = Path(path)
@@ -37,4 +39,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path: _PATH, storage_options=None) -> None:
         if not isinstance(get_filesystem(path), type(get_filesystem("."))):  # remote: fsspec's way
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as error:  # disk full, no permission, read-only file system, ...
+            folder = display_path(Path(path).parent)
+            raise SettingError(f"checkpoint.dirpath={folder!r} is invalid: cannot write "
+                               f"{Path(path).name} there ({error.strerror or error}); the "
+                               f"checkpoints already there are intact") from None

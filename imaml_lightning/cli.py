@@ -3,21 +3,26 @@ import json
 import sys
 from argparse import ArgumentError
 
-from pytorch_lightning.callbacks import ModelCheckpoint
+import warnings
+from pathlib import Path
+
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.utilities import rank_zero_info
 
 from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.charts import TrainingCharts
+from imaml_lightning.checkpointing import RunCheckpoint
 from imaml_lightning.data import EpisodicDataModule
-from imaml_lightning.errors import find_setting_error, require, summarize_parse_error
+from imaml_lightning.errors import display_path, find_setting_error, require, summarize_parse_error
 from imaml_lightning.module import IMAML
 
 
 class IMAMLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
-        # --checkpoint.dirpath moves checkpoints; the defaults keep the last one and the best by
-        # validation score (configs for regression switch the monitor to val/mse, mode min).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # --checkpoint.dirpath moves checkpoints; the defaults keep the latest state (last.ckpt)
+        # and the best by validation score (configs for regression switch the monitor to
+        # val/mse, mode min); --checkpoint.every_n_minutes times the saves between validations.
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TrainingCharts, "charts")  # --charts.every_n_steps
         parser.set_defaults({
             "checkpoint.dirpath": "checkpoints",
@@ -30,6 +35,18 @@ class IMAMLCLI(LightningCLI):
         # The data decides the network's output size and the loss.
         parser.link_arguments("data.out_features", "model.out_features", apply_on="instantiate")
         parser.link_arguments("data.problem", "model.problem", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        """`--ckpt_path last` with no last.ckpt yet: say so in one line (Lightning warns in
+        several) and train from scratch, so one command serves a job's first start and its
+        restarts."""
+        if self.config.fit.get("ckpt_path") != "last":
+            return
+        folder = self.trainer.checkpoint_callback.dirpath
+        if folder and not list(Path(folder).glob("last*.ckpt")):
+            rank_zero_info(f"ckpt_path=last: no last.ckpt in {display_path(folder)}, so training starts from "
+                           f"meta-step 0")
+            warnings.filterwarnings("ignore", message=".*there is no last checkpoint available.*")
 
 
 class SaveConfigInCheckpoints(SaveConfigCallback):

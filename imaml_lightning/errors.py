@@ -1,4 +1,5 @@
 """The one exception type the command line turns into a short message instead of a traceback."""
+import os
 import re
 
 
@@ -10,6 +11,12 @@ class SettingError(ValueError):
 def require(condition: bool, setting: str, value, allowed: str) -> None:
     if not condition:
         raise SettingError(f"{setting}={value!r} is invalid: {allowed}")
+
+
+def display_path(path) -> str:
+    """A path as a message shows it: relative to the working folder when inside it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def find_setting_error(error: BaseException) -> "SettingError | None":

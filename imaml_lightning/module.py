@@ -32,6 +32,11 @@ class IMAML(pl.LightningModule):
         problem: "classification" (cross-entropy, accuracy) or "regression" (MSE).
         algorithm: "imaml", or a baseline on the same data and network: "maml", "fomaml", "reptile".
         lam: proximal regularization strength lambda of the inner problem (iMAML).
+        curvature: the matrix C of the implicit system I + C/lam and of HF's Newton system:
+            "gauss_newton" (default: positive semi-definite, about half the cost per product;
+            chosen by test accuracy at equal CPU time, benchmarks/curvature_at_equal_time.py),
+            "gauss_newton_fd" (the same, J v by a forward difference) or "hessian" (exact;
+            indefinite away from the inner minimizer).
         inner_solver: "gd", "adam" or "hf" (Hessian-free Newton with line search, iMAML-HF).
         inner_steps / inner_lr: iterations and step size of the inner solver.
         hf_cg_steps: CG iterations per Newton direction ("hf").
@@ -52,6 +57,7 @@ class IMAML(pl.LightningModule):
         problem: Literal["classification", "regression"] = "classification",
         algorithm: Literal["imaml", "maml", "fomaml", "reptile"] = "imaml",
         lam: float = 0.5,
+        curvature: Literal["hessian", "gauss_newton", "gauss_newton_fd"] = "gauss_newton",
         inner_solver: Literal["gd", "adam", "hf"] = "gd",
         inner_steps: int = 10,
         inner_lr: float = 0.1,
@@ -73,7 +79,7 @@ class IMAML(pl.LightningModule):
             self.config = IMAMLConfig(lam=lam, inner_steps=inner_steps, inner_lr=inner_lr,
                                       cg_steps=cg_steps, cg_tol=cg_tol, algorithm=algorithm,
                                       inner_solver=inner_solver, hf_cg_steps=hf_cg_steps,
-                                      inner_tol=inner_tol)
+                                      inner_tol=inner_tol, curvature=curvature)
         except SettingError as error:  # the solver names its own fields; say where they are set
             raise SettingError(f"model.{error}") from None
         require(outer_lr > 0, "model.outer_lr", outer_lr, "must be > 0")
@@ -189,7 +195,7 @@ class IMAML(pl.LightningModule):
         d = result.diagnostics
         metrics = {f"train/{name}": d[name].float().mean() for name in (
             "query_loss_before", "query_loss_after", "inner_objective_before",
-            "inner_objective_after", "inner_grad_norm")}
+            "inner_objective_after", "inner_grad_norm", "inner_rejected_steps")}
         metrics["train/outer_lr"] = float(outer_lr)
         metrics["train/step_seconds"] = seconds  # the meta-step itself, without data loading
         metrics["train/tasks_per_second"] = tasks_per_second
@@ -200,6 +206,9 @@ class IMAML(pl.LightningModule):
             metrics["train/cg_residual"] = d["cg_residual_norms"][:, -1].mean()
             metrics["train/cg_iterations"] = d["cg_iterations"].mean()
             metrics["train/cg_negative_curvature"] = d["cg_negative_curvature"].float().mean()
+            # Tasks (of this process's share) whose CG returned x0: they contribute their
+            # first-order term instead (solver.imaml.stalled_solve_fallback).
+            metrics["train/cg_returned_start"] = d["cg_returned_start"].float().sum()
         if self.classification:
             metrics["train/acc_before"] = self.episode_scores(d["query_output_before"], query_y).mean()
             metrics["train/acc_after"] = score_after

@@ -99,13 +99,20 @@ def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
     assert [p.step for p in pictures] == [0, 1] and pictures[0].width > 300
 
 
-@pytest.mark.parametrize("algorithm, inner_solver", [("maml", "gd"), ("reptile", "adam"), ("imaml", "hf")])
-def test_baselines_and_inner_solvers_train_through_the_cli(workdir, algorithm, inner_solver):
+@pytest.mark.parametrize("algorithm, inner_solver, curvature", [
+    ("maml", "gd", "hessian"), ("reptile", "adam", "hessian"), ("imaml", "hf", "hessian"),
+    ("imaml", "hf", "gauss_newton"), ("imaml", "gd", "gauss_newton")])
+def test_baselines_inner_solvers_and_curvatures_train_through_the_cli(
+        workdir, algorithm, inner_solver, curvature):
     main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2", "--model.algorithm", algorithm,
-          "--model.inner_solver", inner_solver, "--model.inner_steps", "2"])
+          "--model.inner_solver", inner_solver, "--model.inner_steps", "2",
+          "--model.curvature", curvature])
     logged = scalars(workdir / "lightning_logs" / "version_0")
     assert "train/query_loss_after" in logged and "val/mse" in logged
     assert ("train/cg_residual" in logged) == (algorithm == "imaml")
+    assert ("train/cg_returned_start" in logged) == (algorithm == "imaml")
+    # The GD safeguard and HF's line search count the steps that did not lower G.
+    assert all(v >= 0 for _, v in logged["train/inner_rejected_steps"])
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -116,6 +123,8 @@ def test_baselines_and_inner_solvers_train_through_the_cli(workdir, algorithm, i
      "model.inner_solver='newton' is invalid: must be one of 'gd', 'adam', 'hf'"),
     (["--model.inner_steps", "ten"], "model.inner_steps='ten' is invalid: must be int"),
     (["--data.dataset", "imagenet"], "data.dataset='imagenet' is invalid: must be one of"),
+    (["--model.curvature", "fisher"],
+     "model.curvature='fisher' is invalid: must be one of 'hessian', 'gauss_newton'"),
     (["--model.lr_schedule", "cosine", "--trainer.max_steps", "-1"],
      "model.lr_schedule_steps=-1 is invalid: must be > 0 with model.lr_schedule=cosine"),
 ])

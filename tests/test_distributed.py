@@ -30,11 +30,13 @@ def test_two_ddp_processes_train_like_one(tmp_path, algorithm):
     two = fit(tmp_path / "two", "--model.algorithm", algorithm, "--trainer.devices", "2",
               "--trainer.strategy", "ddp")
     assert one["global_step"] == two["global_step"] == 5
+    # float32 rounding only (tasks summed in another order, 1.1e-6 seen for a bias after 5 steps);
+    # a rank solving the wrong tasks would differ by orders of magnitude more.
     for name, value in one["state_dict"].items():
-        assert relative_difference(two["state_dict"][name], value) <= 1e-6, name
+        assert relative_difference(two["state_dict"][name], value) <= 1e-5, name
     # The 9 validation episodes are split 5/4 across the ranks and every one is counted once.
     [one_callback], [two_callback] = (
-        [v for k, v in c["callbacks"].items() if k.startswith("ModelCheckpoint")] for c in (one, two))
+        [v for k, v in c["callbacks"].items() if k.startswith("RunCheckpoint")] for c in (one, two))
     assert one_callback["best_model_score"].item() == pytest.approx(
         two_callback["best_model_score"].item(), rel=1e-5)
 

@@ -1,7 +1,7 @@
 """The iMAML solver: plain PyTorch (torch.func), usable without Lightning."""
 from imaml_lightning.solver.cg import CGResult, conjugate_gradient
 from imaml_lightning.solver.losses import mse_loss
-from imaml_lightning.solver.hvp import hessian_vector_product
+from imaml_lightning.solver.curvature import CURVATURES, hessian_vector_product
 from imaml_lightning.solver.imaml import (
     ALGORITHMS,
     IMAMLConfig,
@@ -17,6 +17,7 @@ from imaml_lightning.solver.inner import INNER_SOLVERS
 
 __all__ = [
     "ALGORITHMS",
+    "CURVATURES",
     "INNER_SOLVERS",
     "meta_gradient_loop",
     "CGResult",

@@ -13,9 +13,11 @@ from imaml_lightning.solver.tree import Params
 
 class CGResult(NamedTuple):
     x: Params  # the iterate with the smallest residual (or the last)
+    last: Params  # the last iterate
     residual_norms: torch.Tensor  # ||b - A x_k|| for k = 0..steps
     iterations: torch.Tensor  # CG steps actually taken
     negative_curvature: torch.Tensor  # stopped because p^T A p <= 0 (A not positive definite)
+    returned_start: torch.Tensor  # b != 0 but x = x0 = 0 came back: the solve contributed nothing
 
 
 def conjugate_gradient(
@@ -35,7 +37,7 @@ def conjugate_gradient(
     x = best = tree.zeros_like(b)
     r, p = b, b
     rs = tree.dot(r, r)
-    best_rs = rs
+    start_rs = best_rs = rs
     threshold = tol**2 * rs
     active = rs > threshold
     norms = [rs.sqrt()]
@@ -59,4 +61,8 @@ def conjugate_gradient(
             best, best_rs = tree.where(better, x, best), torch.where(better, rs, best_rs)
         active = active & (rs > threshold)
         norms.append(rs.sqrt())
-    return CGResult(best if smallest_residual else x, torch.stack(norms), iterations, negative)
+    moved = best_rs < start_rs if smallest_residual else iterations > 0
+    returned_start = (start_rs > 0) & ~moved
+    return CGResult(best if smallest_residual else x, x, torch.stack(norms), iterations, negative,
+                    returned_start)
+

@@ -13,7 +13,7 @@ Baselines with the same interface, on the plain support loss: MAML (differentiat
 unrolled inner gradient descent), first-order MAML (grad L(phi; Q)) and Reptile (theta - phi).
 """
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -22,11 +22,11 @@ from torch.func import functional_call, grad_and_value, vmap
 from imaml_lightning.errors import require
 from imaml_lightning.solver import tree
 from imaml_lightning.solver.cg import conjugate_gradient
-from imaml_lightning.solver.hvp import hessian_vector_product
+from imaml_lightning.solver.curvature import CURVATURES
 from imaml_lightning.solver.inner import INNER_SOLVERS, gradient_descent
+from imaml_lightning.solver.objective import LossFn, ProximalObjective, TaskLoss
 from imaml_lightning.solver.tree import Params
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ALGORITHMS = ("imaml", "maml", "fomaml", "reptile")
 
 
@@ -50,6 +50,7 @@ class IMAMLConfig:
     inner_solver: str = "gd"  # "gd", "adam" or "hf" (Hessian-free Newton, iMAML-HF)
     hf_cg_steps: int = 5  # CG iterations per Newton direction of "hf"
     inner_tol: float = 0.0  # a task stops its inner loop once ||grad G|| <= inner_tol
+    curvature: str = "gauss_newton"  # C in I + C/lam (and HF's Newton system): one of CURVATURES
 
     def __post_init__(self):
         require(self.lam > 0, "lam", self.lam, "must be > 0 (the proximal strength lambda)")
@@ -64,6 +65,8 @@ class IMAMLConfig:
                 self.inner_solver, "MAML differentiates through gradient descent: use gd")
         require(self.hf_cg_steps >= 1, "hf_cg_steps", self.hf_cg_steps, "must be >= 1")
         require(self.inner_tol >= 0, "inner_tol", self.inner_tol, "must be >= 0")
+        require(self.curvature in CURVATURES, "curvature", self.curvature,
+                f"must be one of {CURVATURES}")
 
     @property
     def proximal_strength(self) -> float:
@@ -76,31 +79,20 @@ class MetaGradient(NamedTuple):
     diagnostics: dict  # per-task tensors with a leading task dimension
 
 
-def loss_and_output(model: nn.Module, loss_fn: LossFn):
+def loss_and_output(model: nn.Module, loss_fn: LossFn) -> TaskLoss:
     """(params, x, y) -> (loss, model output): the model as a pure function of its parameters."""
-
-    def fn(params: Params, x: torch.Tensor, y: torch.Tensor):
-        output = functional_call(model, params, (x,))
-        return loss_fn(output, y), output
-
-    return fn
+    return TaskLoss(model, loss_fn)
 
 
-def proximal_objective(support_loss, theta: Params, lam: float):
-    """G(phi) = L(phi; S) + lam/2 ||phi - theta||^2, with the support loss as auxiliary."""
-
-    def objective(phi: Params):
-        loss, _ = support_loss(phi)
-        distance = tree.add(phi, theta, -1.0)
-        return loss + 0.5 * lam * tree.dot(distance, distance), loss
-
-    return objective
+proximal_objective = ProximalObjective  # G(phi) = L(phi; S) + lam/2 ||phi - theta||^2
 
 
-def adapt(fn, theta: Params, task: Task, config: IMAMLConfig, inner_steps: Optional[int] = None):
+def adapt(fn: TaskLoss, theta: Params, task: Task, config: IMAMLConfig,
+          inner_steps: Optional[int] = None):
     """Approximate the inner minimizer phi for one task; returns phi and support diagnostics."""
-    objective = proximal_objective(lambda phi: fn(phi, task.support_x, task.support_y),
-                                   theta, config.proximal_strength)
+    objective = ProximalObjective(lambda phi: fn(phi, task.support_x, task.support_y), theta,
+                                  config.proximal_strength,
+                                  fn.curvature(config.curvature, task.support_x, task.support_y))
     solver = INNER_SOLVERS[config.inner_solver]
     steps = config.inner_steps if inner_steps is None else inner_steps
     inner = solver(objective, theta, steps, config.inner_lr, tol=config.inner_tol,
@@ -113,34 +105,45 @@ def inner_diagnostics(inner) -> dict:
             "inner_objective_before": inner.objective_trace[0],
             "inner_objective_after": inner.objective_trace[-1],
             "inner_grad_norm": inner.gradient_norm,
-            "support_loss_after": inner.support_loss}
+            "support_loss_after": inner.support_loss,
+            "inner_rejected_steps": inner.rejected_steps}
 
 
-def imaml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
-    """g = (I + H/lam)^{-1} grad L(phi; Q) by CG, and the task's diagnostics."""
+def imaml_task_gradient(fn: TaskLoss, theta: Params, task: Task, config: IMAMLConfig):
+    """g = (I + C/lam)^{-1} grad L(phi; Q) by CG (C the support loss's curvature at phi), and
+    the task's diagnostics."""
     phi, diagnostics = adapt(fn, theta, task, config)
     # Under mixed precision only the inner loop runs in reduced precision: CG's recurrences lose
-    # conjugacy quickly in 16-bit, so the right-hand side and the Hessian products stay float32.
+    # conjugacy quickly in 16-bit, so the right-hand side and the curvature products stay float32.
     with torch.autocast(task.query_x.device.type, enabled=False):
         query_grad, (query_loss, query_output) = grad_and_value(fn, has_aux=True)(
             phi, task.query_x, task.query_y)
-        support_loss = lambda p: fn(p, task.support_x, task.support_y)[0]  # noqa: E731
-
-        def implicit_system(v: Params) -> Params:  # v -> (I + H/lam) v
-            return tree.add(v, hessian_vector_product(support_loss, phi, v), 1.0 / config.lam)
-
-        cg = conjugate_gradient(implicit_system, query_grad, config.cg_steps, config.cg_tol)
+        curvature = fn.curvature(config.curvature, task.support_x, task.support_y)(phi)
+        implicit_system = lambda v: tree.add(v, curvature(v), 1.0 / config.lam)  # noqa: E731
+        # I + H/lam may be indefinite, where a step along tiny curvature can be huge: keep the
+        # smallest-residual iterate. I + G/lam >= I is positive definite: plain CG's last iterate.
+        cg = conjugate_gradient(implicit_system, query_grad, config.cg_steps, config.cg_tol,
+                                smallest_residual=config.curvature == "hessian")
+        gradient = tree.where(cg.returned_start, stalled_solve_fallback(cg, query_grad), cg.x)
     diagnostics.update(query_loss_after=query_loss, query_output_after=query_output,
                        cg_residual_norms=cg.residual_norms, cg_iterations=cg.iterations,
-                       cg_negative_curvature=cg.negative_curvature)
-    return cg.x, diagnostics
+                       cg_negative_curvature=cg.negative_curvature,
+                       cg_returned_start=cg.returned_start)
+    return gradient, diagnostics
+
+
+def stalled_solve_fallback(cg, query_grad: Params) -> Params:
+    """What a task contributes when CG returned x0 = 0 (its first step met negative curvature,
+    or no iterate had a smaller residual than the start): the first-order term grad L(phi; Q),
+    the solution where the curvature is dropped, instead of silently nothing."""
+    return query_grad
 
 
 def maml_task_gradient(fn, theta: Params, task: Task, config: IMAMLConfig):
     """d L(phi_K(theta); Q) / d theta through the unrolled inner gradient descent (second order)."""
 
     def query_loss_after_inner_loop(start: Params):
-        objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), start, 0.0)
+        objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), start, 0.0)
         inner = gradient_descent(objective, start, config.inner_steps, config.inner_lr, config.inner_tol)
         loss, output = fn(inner.phi, task.query_x, task.query_y)
         return loss, (output, inner)

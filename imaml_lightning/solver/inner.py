@@ -1,22 +1,18 @@
 """Inner solvers: each approximately minimizes the proximal objective
-G(phi) = L(phi; S) + lam/2 ||phi - theta||^2 from phi_0 = theta.
+G(phi) = L(phi; S) + lam/2 ||phi - theta||^2 from phi_0 = theta (a ProximalObjective).
 
 The meta-gradient depends only on the minimizer, not on the path, so any of them serves iMAML.
 All are written without data-dependent Python branches, so they run under torch.func.vmap; a
 task whose gradient norm falls under `tol` stops moving (its later steps are masked out).
 """
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
-from torch.func import grad_and_value
 
 from imaml_lightning.solver import tree
 from imaml_lightning.solver.cg import conjugate_gradient
-from imaml_lightning.solver.hvp import hessian_vector_product
+from imaml_lightning.solver.objective import ProximalObjective
 from imaml_lightning.solver.tree import Params
-
-# objective(phi) -> (G(phi), L(phi; S))
-Objective = Callable[[Params], tuple]
 
 # Step sizes tried by the HF line search along the Newton direction; the best one that lowers G is
 # taken. A fixed list (rather than a backtracking loop) keeps the search vectorizable over tasks.
@@ -30,6 +26,19 @@ class InnerResult(NamedTuple):
     objective_trace: torch.Tensor  # G(phi_0 = theta), ..., G(phi_K): [steps + 1]
     support_loss: torch.Tensor  # L(phi_K; S)
     gradient_norm: torch.Tensor  # ||grad G|| at the last iterate where it was evaluated
+    rejected_steps: torch.Tensor  # steps that did not lower G: GD's undone steps, HF's failed searches
+
+
+class Iterate(NamedTuple):
+    phi: Params
+    gradient: Params  # grad G(phi)
+    value: torch.Tensor  # G(phi)
+    loss: torch.Tensor  # L(phi; S)
+
+
+def evaluate(objective: ProximalObjective, phi: Params) -> Iterate:
+    gradient, (value, loss) = objective.gradient_and_value(phi)
+    return Iterate(phi, gradient, value, loss)
 
 
 def _step_mask(norm: torch.Tensor, done: torch.Tensor, tol: float):
@@ -39,52 +48,55 @@ def _step_mask(norm: torch.Tensor, done: torch.Tensor, tol: float):
     return done, (~done).to(norm.dtype)
 
 
-def gradient_descent(objective: Objective, theta: Params, steps: int, lr: float,
+def rounding(value: torch.Tensor) -> torch.Tensor:
+    """A few units in the last place of G: near the minimizer a step changes G by less than its
+    rounding error, and rejecting such a step (halving the step size each time) would stall GD
+    at ||grad G|| ~ sqrt(eps) instead of letting it converge."""
+    return 8 * torch.finfo(value.dtype).eps * value.abs()
+
+
+def gradient_descent(objective: ProximalObjective, theta: Params, steps: int, lr: float,
                      tol: float = 0.0, **_) -> InnerResult:
     """phi_{k+1} = phi_k - lr_k grad G(phi_k), with lr_k = lr until a step raises G.
 
-    Safeguard: a step that raises G is undone (the value comes free with the next gradient) and
-    that task's step size halved. A healthy inner loop never triggers it, so the iterates are
+    Safeguard: a step that raises G (by more than rounding) is undone (the value comes free with
+    the next gradient) and that task's step size halved. A healthy inner loop never triggers it, so the iterates are
     plain gradient descent; it stops the inner loop from diverging where meta-training has made
     the loss sharper than 2 / lr, which otherwise ends in a non-finite meta-gradient.
     """
-    phi, done, norm, trace = theta, torch.zeros((), dtype=torch.bool), None, []
-    step_size = None  # per task, from the first value on
-    previous = None  # (phi, gradient, value, loss) before the last step
-    for _ in range(steps):
-        gradient, (value, loss) = grad_and_value(objective, has_aux=True)(phi)
-        if previous is None:
-            step_size = torch.full_like(value, lr)
-        else:
-            worse = ~(value <= previous[2])  # NaN counts as worse
-            phi, gradient, value, loss = _keep_better(worse, previous, (phi, gradient, value, loss))
-            step_size = torch.where(worse, step_size / 2, step_size)
-        norm = tree.norm(gradient)
-        done, move = _step_mask(norm, done, tol)
-        trace.append(value)
-        previous = (phi, gradient, value, loss)
-        phi = tree.add(phi, gradient, -step_size * move)
-    if previous is None:
-        return _finish(objective, theta, trace, None)
-    value, loss = objective(phi)  # the last step is checked too
-    worse = ~(value <= previous[2])
-    phi, _, value, loss = _keep_better(worse, previous, (phi, previous[1], value, loss))
-    return InnerResult(phi, torch.stack(trace + [value]), loss, norm)
+    if steps == 0:
+        return _finish(objective, theta, [], None, None)
+    current = evaluate(objective, theta)
+    step_size = torch.full_like(current.value, lr)
+    done = torch.zeros((), dtype=torch.bool)
+    rejected = torch.zeros_like(current.value)
+    move = torch.ones_like(current.value)
+    trace = [current.value]
+    for step in range(steps):
+        if tol > 0 or step == steps - 1:  # the norm is only needed to stop, and to report
+            norm = tree.norm(current.gradient)
+            done, move = _step_mask(norm, done, tol)
+        phi = tree.add(current.phi, current.gradient, -step_size * move)
+        if step < steps - 1:
+            candidate = evaluate(objective, phi)
+        else:  # the last step is checked too, but its gradient is never used
+            candidate = Iterate(phi, current.gradient, *objective(phi))
+        worse = ~(candidate.value <= current.value + rounding(current.value))  # NaN counts as worse
+        current = Iterate(*(tree.where(worse, a, b) if isinstance(a, dict) else torch.where(worse, a, b)
+                            for a, b in zip(current, candidate)))
+        step_size = torch.where(worse, step_size / 2, step_size)
+        rejected = rejected + worse.to(rejected.dtype)
+        trace.append(current.value)
+    return InnerResult(current.phi, torch.stack(trace), current.loss, norm, rejected)
 
 
-def _keep_better(worse: torch.Tensor, previous: tuple, current: tuple) -> tuple:
-    """(phi, gradient, value, loss): the previous iterate's where the step made G worse."""
-    return tuple(tree.where(worse, a, b) if isinstance(a, dict) else torch.where(worse, a, b)
-                 for a, b in zip(previous, current))
-
-
-def adam(objective: Objective, theta: Params, steps: int, lr: float, tol: float = 0.0,
+def adam(objective: ProximalObjective, theta: Params, steps: int, lr: float, tol: float = 0.0,
          betas=(0.9, 0.999), eps: float = 1e-8, **_) -> InnerResult:
     """Adam (Kingma & Ba) on G, with bias correction; fresh moments for every task."""
     phi, done, norm, trace = theta, torch.zeros((), dtype=torch.bool), None, []
     m, v = tree.zeros_like(theta), tree.zeros_like(theta)
     for t in range(1, steps + 1):
-        gradient, (value, _) = grad_and_value(objective, has_aux=True)(phi)
+        gradient, (value, _) = objective.gradient_and_value(phi)
         trace.append(value)
         norm = tree.norm(gradient)
         done, move = _step_mask(norm, done, tol)
@@ -93,39 +105,43 @@ def adam(objective: Objective, theta: Params, steps: int, lr: float, tol: float 
         step = {k: (m[k] / (1 - betas[0] ** t)) / ((v[k] / (1 - betas[1] ** t)).sqrt() + eps)
                 for k in m}
         phi = tree.add(phi, step, -lr * move)
-    return _finish(objective, phi, trace, norm)
+    return _finish(objective, phi, trace, norm, None)
 
 
-def hessian_free(objective: Objective, theta: Params, steps: int, lr: float = 1.0,
+def hessian_free(objective: ProximalObjective, theta: Params, steps: int, lr: float = 1.0,
                  tol: float = 0.0, hf_cg_steps: int = 5, **_) -> InnerResult:
-    """Hessian-free Newton (iMAML-HF): solve (H + lam I) d = -grad G with `hf_cg_steps` CG steps,
-    then take the step size from LINE_SEARCH_STEPS (scaled by lr) that lowers G the most."""
-    phi, done, norm, trace = theta, torch.zeros((), dtype=torch.bool), None, []
+    """Hessian-free Newton (iMAML-HF): solve (C + lam I) d = -grad G with `hf_cg_steps` CG steps
+    (C the support loss's curvature: its Hessian or Gauss-Newton matrix), then take the step
+    size from LINE_SEARCH_STEPS (scaled by lr) that lowers G the most."""
+    phi, done, norm, trace, rejected = theta, torch.zeros((), dtype=torch.bool), None, [], None
     value_only = lambda p: objective(p)[0]  # noqa: E731
     for _ in range(steps):
-        gradient, (value, _) = grad_and_value(objective, has_aux=True)(phi)
+        gradient, (value, _) = objective.gradient_and_value(phi)
         trace.append(value)
         norm = tree.norm(gradient)
         done, move = _step_mask(norm, done, tol)
-        newton = conjugate_gradient(lambda v: hessian_vector_product(value_only, phi, v),
-                                    tree.scale(gradient, -1.0), hf_cg_steps,
-                                    smallest_residual=False)  # the line search sets the length
+        newton = conjugate_gradient(objective.newton_matrix(phi), tree.scale(gradient, -1.0),
+                                    hf_cg_steps, smallest_residual=False)  # the search sets the length
         # Negative curvature on the very first CG step leaves no Newton direction: descend instead.
         fallback = (newton.iterations == 0).to(value.dtype)
         direction = tree.add(tree.scale(newton.x, 1 - fallback), gradient, -fallback)
         candidates = torch.stack([value_only(tree.add(phi, direction, lr * a)) for a in LINE_SEARCH_STEPS])
         sizes = torch.tensor(LINE_SEARCH_STEPS, dtype=value.dtype) * lr
         best = candidates.argmin()
-        size = torch.where(candidates[best] < value, sizes[best], 0.0)
+        lowered = candidates[best] < value
+        size = torch.where(lowered, sizes[best], 0.0)
         phi = tree.add(phi, direction, size * move)
-    return _finish(objective, phi, trace, norm)
+        failed = (~lowered).to(value.dtype) * move
+        rejected = failed if rejected is None else rejected + failed
+    return _finish(objective, phi, trace, norm, rejected)
 
 
-def _finish(objective: Objective, phi: Params, trace: list, norm) -> InnerResult:
+def _finish(objective: ProximalObjective, phi: Params, trace: list, norm, rejected) -> InnerResult:
     """Evaluate G and L at the final iterate, which the loop has not seen."""
     value, loss = objective(phi)
     norm = torch.zeros_like(value) if norm is None else norm  # zero steps: phi = theta
-    return InnerResult(phi, torch.stack(trace + [value]), loss, norm)
+    rejected = torch.zeros_like(value) if rejected is None else rejected
+    return InnerResult(phi, torch.stack(trace + [value]), loss, norm, rejected)
 
 
 INNER_SOLVERS = {"gd": gradient_descent, "adam": adam, "hf": hessian_free}

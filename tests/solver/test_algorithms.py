@@ -62,7 +62,12 @@ def test_inner_trace_records_the_objective_at_every_iterate(inner_solver, lr):
     assert torch.allclose(result.support_loss, objective(result.phi)[1])
     assert result.objective_trace[-1] < result.objective_trace[0]
     if inner_solver != "adam":  # the safeguard and the line search never let G rise
-        assert (result.objective_trace.diff() <= 0).all()
+        assert never_rises(result.objective_trace)
+
+
+def never_rises(trace: torch.Tensor) -> bool:
+    """G non-increasing along the trace, up to the rounding the GD safeguard tolerates."""
+    return bool((trace.diff() <= 8 * torch.finfo(trace.dtype).eps * trace[:-1].abs()).all())
 
 
 def test_hf_converges_on_a_smooth_nonconvex_network():
@@ -192,6 +197,8 @@ def test_gradient_descent_safeguard_stops_divergence():
     result = INNER_SOLVERS["gd"](objective, theta, steps=60, lr=50.0)
     stable = INNER_SOLVERS["gd"](objective, theta, steps=60, lr=0.3)
     assert torch.isfinite(objective(result.phi)[0])
+    assert never_rises(result.objective_trace) and result.rejected_steps > 0
+    assert stable.rejected_steps == 0  # a healthy step size never triggers it
     # Half of what a well-chosen step size achieves, despite starting ~100x too large.
     assert start - objective(result.phi)[0] >= 0.5 * (start - objective(stable.phi)[0])
 
