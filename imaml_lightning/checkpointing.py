@@ -17,7 +17,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from imaml_lightning.errors import require
+from imaml_lightning.errors import display_path, require
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -89,7 +89,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _report_stop(self, trainer: "pl.Trainer", name: str) -> None:
         rank_zero_info(f"Stopped on {name} after meta-step {trainer.global_step}: "
-                       f"{self.last_model_path} holds that state. Resume with the same command "
+                       f"{display_path(self.last_model_path)} holds that state. Resume with the same command "
                        f"and --ckpt_path last")
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -10,23 +10,9 @@ from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import IMAMLConfig, Task, meta_gradient, mse_loss, task_meta_gradient
 from imaml_lightning.solver.curvature import gauss_newton, hessian_vector_product
 from imaml_lightning.solver.imaml import adapt, loss_and_output
-from tests.solver.test_imaml import closed_form_meta_gradient, half_mse, omniglot_like_tasks, ridge_tasks
-
-
-def flat_functions(model, x, y, loss_fn):
-    """The network's outputs and the loss as functions of one flat parameter vector."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    names, shapes = list(params), [p.shape for p in params.values()]
-    sizes = [p.numel() for p in params.values()]
-
-    def unflatten(flat):
-        return {n: c.reshape(s) for n, c, s in zip(names, flat.split(sizes), shapes)}
-
-    def outputs(flat):
-        return functional_call(model, unflatten(flat), (x,))
-
-    flat = torch.cat([p.flatten() for p in params.values()])
-    return params, flat, unflatten, outputs, lambda z: loss_fn(z, y)
+from tests.solver.test_imaml import (
+    closed_form_meta_gradient, flat_functions, half_mse, omniglot_like_tasks, ridge_tasks,
+)
 
 
 def dense_gauss_newton(outputs, output_loss, flat):

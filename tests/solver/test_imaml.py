@@ -80,10 +80,8 @@ def test_inner_loop_minimizes_the_proximal_objective():
     assert diagnostics["inner_objective_before"] > diagnostics["inner_objective_after"]
 
 
-def test_hessian_vector_product_matches_autograd_hessian():
-    torch.manual_seed(0)
-    model = MLP(2, in_features=3, hidden=(4,)).double()
-    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+def flat_functions(model, x, y, loss_fn):
+    """(params, flat params, unflatten, flat -> network outputs, outputs -> loss)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     names, shapes = list(params), [p.shape for p in params.values()]
     sizes = [p.numel() for p in params.values()]
@@ -91,10 +89,19 @@ def test_hessian_vector_product_matches_autograd_hessian():
     def unflatten(flat):
         return {n: c.reshape(s) for n, c, s in zip(names, flat.split(sizes), shapes)}
 
-    def loss_of_flat(flat):
-        return mse_loss(functional_call(model, unflatten(flat), (x,)), y)
+    def outputs(flat):
+        return functional_call(model, unflatten(flat), (x,))
 
     flat = torch.cat([p.flatten() for p in params.values()])
+    return params, flat, unflatten, outputs, lambda z: loss_fn(z, y)
+
+
+def test_hessian_vector_product_matches_autograd_hessian():
+    torch.manual_seed(0)
+    model = MLP(2, in_features=3, hidden=(4,)).double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    params, flat, unflatten, outputs, output_loss = flat_functions(model, x, y, mse_loss)
+    loss_of_flat = lambda f: output_loss(outputs(f))  # noqa: E731
     v = torch.randn_like(flat)
     expected = torch.autograd.functional.hessian(loss_of_flat, flat) @ v
     hv = hessian_vector_product(lambda p: mse_loss(functional_call(model, p, (x,)), y), params, unflatten(v))
