@@ -38,7 +38,7 @@ class IMAML(pl.LightningModule):
             "gauss_newton_fd" (the same, J v by a forward difference) or "hessian" (exact;
             indefinite away from the inner minimizer).
         inner_solver: "gd", "adam" or "hf" (Hessian-free Newton with line search, iMAML-HF).
-        inner_steps / inner_lr: iterations and step size of the inner solver.
+        inner_steps / inner_lr: iterations of the inner solver, and the step size of gd and adam.
         hf_cg_steps: CG iterations per Newton direction ("hf").
         inner_tol: a task stops adapting once the gradient norm of its inner objective is below.
         cg_steps / cg_tol: conjugate gradient for the implicit meta-gradient.

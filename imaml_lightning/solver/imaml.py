@@ -43,7 +43,7 @@ class Task(NamedTuple):
 class IMAMLConfig:
     lam: float = 0.5  # proximal regularization strength lambda (iMAML only)
     inner_steps: int = 10  # inner solver iterations
-    inner_lr: float = 0.1  # step size (for "hf": scale of the line-search steps)
+    inner_lr: float = 0.1  # step size of "gd" and "adam" ("hf" searches from the full Newton step)
     cg_steps: int = 5  # CG iterations for the implicit meta-gradient
     cg_tol: float = 0.0  # stop CG once ||r|| <= cg_tol * ||grad L(phi; Q)||
     algorithm: str = "imaml"  # or a baseline: "maml", "fomaml", "reptile"

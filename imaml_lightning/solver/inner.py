@@ -112,7 +112,10 @@ def hessian_free(objective: ProximalObjective, theta: Params, steps: int, lr: fl
                  tol: float = 0.0, hf_cg_steps: int = 5, **_) -> InnerResult:
     """Hessian-free Newton (iMAML-HF): solve (C + lam I) d = -grad G with `hf_cg_steps` CG steps
     (C the support loss's curvature: its Hessian or Gauss-Newton matrix), then take the step
-    size from LINE_SEARCH_STEPS (scaled by lr) that lowers G the most."""
+    size from LINE_SEARCH_STEPS that lowers G the most: the full Newton step first, whatever
+    `lr` is (GD's step size says nothing about the length of a Newton step; scaling the trials by
+    it kept HF from ever taking the step that makes it Newton's method). `lr` is not used: it is
+    the other solvers' step size, in the signature they share."""
     phi, done, norm, trace, rejected = theta, torch.zeros((), dtype=torch.bool), None, [], None
     value_only = lambda p: objective(p)[0]  # noqa: E731
     for _ in range(steps):
@@ -125,8 +128,8 @@ def hessian_free(objective: ProximalObjective, theta: Params, steps: int, lr: fl
         # Negative curvature on the very first CG step leaves no Newton direction: descend instead.
         fallback = (newton.iterations == 0).to(value.dtype)
         direction = tree.add(tree.scale(newton.x, 1 - fallback), gradient, -fallback)
-        candidates = torch.stack([value_only(tree.add(phi, direction, lr * a)) for a in LINE_SEARCH_STEPS])
-        sizes = torch.tensor(LINE_SEARCH_STEPS, dtype=value.dtype) * lr
+        candidates = torch.stack([value_only(tree.add(phi, direction, a)) for a in LINE_SEARCH_STEPS])
+        sizes = torch.tensor(LINE_SEARCH_STEPS, dtype=value.dtype)
         best = candidates.argmin()
         lowered = candidates[best] < value
         size = torch.where(lowered, sizes[best], 0.0)

@@ -87,6 +87,22 @@ def test_hf_converges_on_a_smooth_nonconvex_network():
     assert hf.objective_trace[-1] < gd.objective_trace[-1]
 
 
+def test_hf_takes_the_full_newton_step_whatever_the_gd_step_size():
+    """On a convex (ridge) problem with the shipped Omniglot settings (lam 0.5, inner_lr 0.3,
+    hf_cg_steps 5 on 5 parameters): one Newton step is the minimizer."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1, bias=False).double()
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    task = Task(*(t[0] for t in ridge_tasks(tasks=1, d=5)))
+    fn = loss_and_output(model, half_mse)
+    objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), theta, 0.5)
+    hf = INNER_SOLVERS["hf"](objective, theta, steps=1, lr=0.3, hf_cg_steps=5)
+    X, y = task.support_x, task.support_y
+    minimizer = torch.linalg.solve(X.T @ X / len(X) + 0.5 * torch.eye(5, dtype=X.dtype),
+                                   X.T @ y / len(X) + 0.5 * theta["weight"].T)
+    torch.testing.assert_close(hf.phi["weight"], minimizer.T, rtol=1e-8, atol=1e-10)
+
+
 def test_inner_tolerance_stops_converged_tasks():
     model = linear_model()
     theta = {k: v.detach() for k, v in model.named_parameters()}
