@@ -50,9 +50,19 @@ def measure_in_subprocess(algorithm: str, steps: int, limit_gib: float) -> dict:
     cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # noqa: E731
     out = subprocess.run([sys.executable, "-m", "benchmarks.solver_memory", "--one", algorithm,
                           str(steps)], capture_output=True, text=True, preexec_fn=cap)
-    if out.returncode != 0:  # killed, or an allocation failed outside the guarded call
+    if out.returncode == 0:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    if out_of_memory(out):  # an allocation failed outside the guarded call, or the OOM killer
         return {"algorithm": algorithm, "steps": steps, "peak_mib": None}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    raise RuntimeError(f"the measurement of {algorithm} at K={steps} crashed (exit "
+                       f"{out.returncode}), not for lack of memory:\n{out.stderr[-3000:]}")
+
+
+def out_of_memory(run: subprocess.CompletedProcess) -> bool:
+    """Whether a measuring subprocess died for memory: a failed allocation, or SIGKILL."""
+    signs = ("MemoryError", "Cannot allocate memory", "DefaultCPUAllocator: can't allocate",
+             "std::bad_alloc")
+    return run.returncode == -9 or any(sign in run.stderr for sign in signs)
 
 
 def cell(value, reference) -> list:

@@ -1,19 +1,23 @@
 """`python -m imaml_lightning {fit,validate,test} --config configs/X.yaml [--model.X ...]`."""
 import json
+import pickle
 import sys
-from argparse import ArgumentError
-
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
+import torch
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.charts import TrainingCharts
 from imaml_lightning.checkpointing import RunCheckpoint
 from imaml_lightning.data import EpisodicDataModule
-from imaml_lightning.errors import display_path, find_setting_error, require, summarize_parse_error
+from imaml_lightning.errors import (
+    SettingError, display_path, find_setting_error, require, summarize_parse_error,
+)
 from imaml_lightning.module import IMAML
 
 
@@ -47,6 +51,32 @@ class IMAMLCLI(LightningCLI):
             rank_zero_info(f"ckpt_path=last: no last.ckpt in {display_path(folder)}, so training starts from "
                            f"meta-step 0")
             warnings.filterwarnings("ignore", message=".*there is no last checkpoint available.*")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI itself reads the checkpoint's hyperparameters (with torch.load).
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+
+
+LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")  # resolved by Lightning itself
+
+
+def check_checkpoint_file(ckpt_path) -> None:
+    """A --ckpt_path that does not exist, is not a checkpoint, or is not one of this program's:
+    one line naming it, instead of torch.load's or load_state_dict's traceback."""
+    if ckpt_path is None or ckpt_path in LIGHTNING_CHECKPOINT_NAMES or "://" in str(ckpt_path):
+        return
+    path = Path(ckpt_path)
+    require(path.is_file(), "ckpt_path", str(ckpt_path), "no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        raise SettingError(f"ckpt_path={str(ckpt_path)!r} is invalid: not a checkpoint that "
+                           f"torch.load can read ({str(error).splitlines()[0][:120]})") from None
+    require(isinstance(checkpoint, dict) and "state_dict" in checkpoint and "global_step" in checkpoint,
+            "ckpt_path", str(ckpt_path), "not a Lightning checkpoint of this program (no state_dict)")
 
 
 class SaveConfigInCheckpoints(SaveConfigCallback):
@@ -128,6 +158,8 @@ def main(args=None) -> None:
         )
     except ArgumentError as error:
         sys.exit(f"error: {summarize_parse_error(str(error))} (--help lists every setting)")
+    except MisconfigurationException as error:  # Lightning's own checks of trainer settings
+        sys.exit(f"error: a trainer setting is invalid: {str(error).splitlines()[0]}")
     except ValueError as error:
         setting_error = find_setting_error(error)
         if setting_error is None:

@@ -130,3 +130,14 @@ def test_every_n_minutes_must_not_be_negative(workdir):
         main(["fit", *SINUSOID, "--checkpoint.every_n_minutes", "-1"])
     assert "checkpoint.every_n_minutes=-1.0 is invalid: must be >= 0" in str(exit_info.value.code)
 
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_a_file_that_is_no_checkpoint_of_ours_is_one_error(workdir, subcommand):
+    (workdir / "notes.ckpt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, workdir / "other.ckpt")
+    for name, message in (("notes.ckpt", "not a checkpoint that torch.load can read"),
+                          ("other.ckpt", "not a Lightning checkpoint of this program")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([subcommand, *SINUSOID, "--ckpt_path", name])
+        assert str(exit_info.value.code).startswith(f"error: ckpt_path='{name}' is invalid: {message}")

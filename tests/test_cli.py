@@ -123,6 +123,8 @@ def test_baselines_inner_solvers_and_curvatures_train_through_the_cli(
      "model.inner_solver='newton' is invalid: must be one of 'gd', 'adam', 'hf'"),
     (["--model.inner_steps", "ten"], "model.inner_steps='ten' is invalid: must be int"),
     (["--data.dataset", "imagenet"], "data.dataset='imagenet' is invalid: must be one of"),
+    (["--ckpt_path", "nowhere.ckpt"], "ckpt_path='nowhere.ckpt' is invalid: no such file"),
+    (["--trainer.max_steps", "-5"], "error: a trainer setting is invalid: `max_steps` must be"),
     (["--model.curvature", "fisher"],
      "model.curvature='fisher' is invalid: must be one of 'hessian', 'gauss_newton'"),
     (["--model.lr_schedule", "cosine", "--trainer.max_steps", "-1"],
