@@ -3,6 +3,7 @@ read-only), keyed by the source files and the settings so that a change of eithe
 import glob
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable
 
@@ -45,10 +46,8 @@ def cached(cache_dir: Path, prefix: str, key: str,
     with FileLock(cache_dir / f".{prefix}.lock"):
         try:
             return torch.load(path, weights_only=True, mmap=True)
-        except MemoryError:
-            raise
-        except Exception:  # absent, or damaged outside our writes (truncated, not a pickle)
-            pass
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            pass  # absent (OSError), or damaged outside our writes: truncated, not a zip or pickle
         atomic_torch_save(build(), path)
         for stale in cache_dir.glob(f"{glob.escape(prefix)}-*.pt"):
             if stale != path:

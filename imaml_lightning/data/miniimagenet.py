@@ -73,7 +73,8 @@ def download(root: Path) -> None:
                     os.replace(partial, path)
                 finally:
                     Path(partial).unlink(missing_ok=True)
-    except Exception as error:  # offline, read-only root, server error, checksum mismatch...
+    except (OSError, ValueError, KeyError) as error:  # offline, server error, read-only root or
+        # checksum mismatch (OSError: requests' errors are OSErrors), the record's metadata unreadable
         raise SettingError(
             f"data.root={str(root)!r} is invalid: no Mini-ImageNet there (looked for "
             f"{FILE_PATTERN}) and the download failed ({error}). Download the three files from "
@@ -93,9 +94,8 @@ def read_pickle(path: Path) -> Tuple[np.ndarray, Dict[str, torch.Tensor]]:
             data = pickle.load(file)  # the format; it runs code, so read only files you trust
     except OSError as error:  # permissions, I/O: the file may be fine
         raise SettingError(f"data.root: cannot read {path} ({error})") from None
-    except MemoryError:
-        raise
-    except Exception as error:  # truncated, not a pickle, unknown classes inside...
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
+            TypeError, ValueError) as error:  # truncated, not a pickle, unknown classes inside
         raise corrupt(path, f"{type(error).__name__}: {error}") from None
     if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
         raise corrupt(path, "not a dict with the keys 'image_data' and 'class_dict'")

@@ -13,6 +13,7 @@ Splits, fixed by the names alone (no seed, library version or directory listing 
   background alphabets the last 5 in SHA-256 order of their names validate, the others train.
   No alphabet is shared between splits, which makes the test harder.
 """
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
 
@@ -46,7 +47,8 @@ def download(root: Path) -> Path:
     try:
         for background in (True, False):
             Omniglot(str(root), background=background, download=True)
-    except Exception as error:  # offline, read-only root, bad checksum...
+    except (OSError, RuntimeError, zipfile.BadZipFile) as error:  # offline or HTTP error, read-only
+        # root (OSError), bad checksum (torchvision's RuntimeError), damaged archive
         raise SettingError(
             f"data.root={str(root)!r} is invalid: no Omniglot there (looked for {'/'.join(SETS)} "
             f"in it and in its omniglot-py/) and the download failed ({error}). Unzip the "
