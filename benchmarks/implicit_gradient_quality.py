@@ -24,6 +24,7 @@ Usage: python -m benchmarks.implicit_gradient_quality [--ways 5] [--train-steps 
 """
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,8 +35,8 @@ from benchmarks.common import machine, markdown_table
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.images import to_unit_range
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import IMAMLConfig, Task, conjugate_gradient, meta_gradient, surrogate_loss, tree
-from imaml_lightning.solver.imaml import adapt, loss_and_output
+from imaml_lightning.solver import IMAMLConfig, Task, meta_gradient, surrogate_loss
+from imaml_lightning.solver.imaml import adapt, loss_and_output, solve_implicit_system
 from imaml_lightning.solver.inner import gradient_descent
 from imaml_lightning.solver.objective import ProximalObjective
 
@@ -85,9 +86,8 @@ def decrease_along(fn, theta, task: Task, config: IMAMLConfig, direction: torch.
 def candidates(fn, theta, task: Task, config: IMAMLConfig):
     """Per task: every candidate meta-gradient and the reference, flattened."""
     def solve(curvature: str, phi, b, steps: int):
-        matvec = fn.curvature(curvature, task.support_x, task.support_y)(phi)
-        return conjugate_gradient(lambda v: tree.add(v, matvec(v), 1.0 / config.lam), b, steps,
-                                  smallest_residual=curvature == "hessian")
+        product = fn.curvature(curvature, task.support_x, task.support_y)(phi)
+        return solve_implicit_system(product, b, replace(config, curvature=curvature, cg_steps=steps))
 
     flat = lambda p: torch.cat([v.flatten() for v in p.values()])  # noqa: E731
     query_grad = lambda phi: grad_and_value(fn, has_aux=True)(phi, task.query_x, task.query_y)[0]  # noqa: E731

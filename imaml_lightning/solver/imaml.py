@@ -21,7 +21,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from imaml_lightning.errors import require
 from imaml_lightning.solver import tree
-from imaml_lightning.solver.cg import conjugate_gradient
+from imaml_lightning.solver.cg import CGResult, conjugate_gradient
 from imaml_lightning.solver.curvature import CURVATURES
 from imaml_lightning.solver.inner import INNER_SOLVERS, gradient_descent
 from imaml_lightning.solver.objective import LossFn, ProximalObjective, TaskLoss
@@ -84,9 +84,6 @@ def loss_and_output(model: nn.Module, loss_fn: LossFn) -> TaskLoss:
     return TaskLoss(model, loss_fn)
 
 
-proximal_objective = ProximalObjective  # G(phi) = L(phi; S) + lam/2 ||phi - theta||^2
-
-
 def adapt(fn: TaskLoss, theta: Params, task: Task, config: IMAMLConfig,
           inner_steps: Optional[int] = None):
     """Approximate the inner minimizer phi for one task; returns phi and support diagnostics."""
@@ -119,17 +116,24 @@ def imaml_task_gradient(fn: TaskLoss, theta: Params, task: Task, config: IMAMLCo
         query_grad, (query_loss, query_output) = grad_and_value(fn, has_aux=True)(
             phi, task.query_x, task.query_y)
         curvature = fn.curvature(config.curvature, task.support_x, task.support_y)(phi)
-        implicit_system = lambda v: tree.add(v, curvature(v), 1.0 / config.lam)  # noqa: E731
-        # I + H/lam may be indefinite, where a step along tiny curvature can be huge: keep the
-        # smallest-residual iterate. I + G/lam >= I is positive definite: plain CG's last iterate.
-        cg = conjugate_gradient(implicit_system, query_grad, config.cg_steps, config.cg_tol,
-                                smallest_residual=config.curvature == "hessian")
+        cg = solve_implicit_system(curvature, query_grad, config)
         gradient = tree.where(cg.returned_start, stalled_solve_fallback(query_grad), cg.x)
     diagnostics.update(query_loss_after=query_loss, query_output_after=query_output,
                        cg_residual_norms=cg.residual_norms, cg_iterations=cg.iterations,
                        cg_negative_curvature=cg.negative_curvature,
                        cg_returned_start=cg.returned_start)
     return gradient, diagnostics
+
+
+def solve_implicit_system(curvature, b: Params, config: IMAMLConfig) -> CGResult:
+    """(I + C/lam) x = b by config.cg_steps CG steps, C given as its product v -> C v.
+
+    I + H/lam may be indefinite, where a step along tiny curvature can be huge: the Hessian's
+    solve keeps the smallest-residual iterate. I + G/lam >= I is positive definite: the
+    Gauss-Newton solves keep plain CG's last iterate."""
+    return conjugate_gradient(lambda v: tree.add(v, curvature(v), 1.0 / config.lam), b,
+                              config.cg_steps, config.cg_tol,
+                              smallest_residual=config.curvature == "hessian")
 
 
 def stalled_solve_fallback(query_grad: Params) -> Params:

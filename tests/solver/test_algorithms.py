@@ -9,7 +9,8 @@ from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import (
     INNER_SOLVERS, IMAMLConfig, Task, meta_gradient, meta_gradient_loop, mse_loss,
 )
-from imaml_lightning.solver.imaml import loss_and_output, proximal_objective
+from imaml_lightning.solver.imaml import loss_and_output
+from imaml_lightning.solver.objective import ProximalObjective
 from tests.solver.test_imaml import closed_form_meta_gradient, half_mse, omniglot_like_tasks, ridge_tasks
 
 
@@ -42,7 +43,7 @@ def test_hf_lowers_the_objective_more_than_gd_for_the_same_gradient_evaluations(
     tasks = ridge_tasks(tasks=1, d=6, seed=5)
     task = Task(*(t[0] for t in tasks))
     fn = loss_and_output(model, half_mse)
-    objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), theta, 0.1)
+    objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 0.1)
     hf = INNER_SOLVERS["hf"](objective, theta, steps=2, lr=1.0, hf_cg_steps=4)
     gd = INNER_SOLVERS["gd"](objective, theta, steps=18, lr=0.5)
     assert objective(hf.phi)[0] < objective(gd.phi)[0]
@@ -54,7 +55,7 @@ def test_inner_trace_records_the_objective_at_every_iterate(inner_solver, lr):
     theta = {k: v.detach() for k, v in model.named_parameters()}
     task = Task(*(t[0] for t in ridge_tasks(tasks=1)))
     fn = loss_and_output(model, half_mse)
-    objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
+    objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
     result = INNER_SOLVERS[inner_solver](objective, theta, steps=7, lr=lr)
     assert result.objective_trace.shape == (8,)
     assert torch.allclose(result.objective_trace[0], objective(theta)[0])
@@ -80,7 +81,7 @@ def test_hf_converges_on_a_smooth_nonconvex_network():
     theta = {k: v.detach() for k, v in net.named_parameters()}
     x = (torch.rand(10, 1) * 10 - 5).double()
     fn = loss_and_output(net, mse_loss)
-    objective = proximal_objective(lambda p: fn(p, x, 3 * torch.sin(x + 1)), theta, 0.5)
+    objective = ProximalObjective(lambda p: fn(p, x, 3 * torch.sin(x + 1)), theta, 0.5)
     hf = INNER_SOLVERS["hf"](objective, theta, steps=40, lr=1.0, hf_cg_steps=5)
     gd = INNER_SOLVERS["gd"](objective, theta, steps=400, lr=0.005)
     assert hf.gradient_norm < 1e-4
@@ -95,7 +96,7 @@ def test_hf_takes_the_full_newton_step_whatever_the_gd_step_size():
     theta = {k: v.detach() for k, v in model.named_parameters()}
     task = Task(*(t[0] for t in ridge_tasks(tasks=1, d=5)))
     fn = loss_and_output(model, half_mse)
-    objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), theta, 0.5)
+    objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 0.5)
     hf = INNER_SOLVERS["hf"](objective, theta, steps=1, lr=0.3, hf_cg_steps=5)
     X, y = task.support_x, task.support_y
     minimizer = torch.linalg.solve(X.T @ X / len(X) + 0.5 * torch.eye(5, dtype=X.dtype),
@@ -108,7 +109,7 @@ def test_inner_tolerance_stops_converged_tasks():
     theta = {k: v.detach() for k, v in model.named_parameters()}
     task = Task(*(t[0] for t in ridge_tasks(tasks=1)))
     fn = loss_and_output(model, half_mse)
-    objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
+    objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
     loose = INNER_SOLVERS["gd"](objective, theta, steps=500, lr=0.3, tol=1e-2)
     tight = INNER_SOLVERS["gd"](objective, theta, steps=500, lr=0.3)
     assert 1e-3 < loose.gradient_norm <= 1e-2 * 1.5
@@ -208,7 +209,7 @@ def test_gradient_descent_safeguard_stops_divergence():
     theta = {k: v.detach() for k, v in model.named_parameters()}
     task = Task(*(t[0] for t in ridge_tasks(tasks=1)))
     fn = loss_and_output(model, half_mse)
-    objective = proximal_objective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
+    objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
     start = objective(theta)[0]
     result = INNER_SOLVERS["gd"](objective, theta, steps=60, lr=50.0)
     stable = INNER_SOLVERS["gd"](objective, theta, steps=60, lr=0.3)

@@ -64,7 +64,7 @@ def test_too_few_cg_steps_do_not_reach_the_closed_form():
     assert gap / torch.linalg.norm(exact.grads["weight"]) > 1e-3
 
 
-def test_inner_loop_minimizes_the_proximal_objective():
+def test_inner_loop_minimizes_the_ProximalObjective():
     model = nn.Linear(6, 1, bias=False).double()
     theta = {k: v.detach() for k, v in model.named_parameters()}
     tasks = ridge_tasks(tasks=1)
