@@ -5,8 +5,9 @@ made a new top-k checkpoint, and with manual optimization it ignores `train_time
 run whose validation score peaked early kept last.ckpt at the peak, and `--ckpt_path last` would
 have thrown away everything after it. RunCheckpoint keeps the best-by-validation checkpoints as
 they are and makes last.ckpt the latest state: after every validation, every `every_n_minutes`
-of training, at the end of training, and when the run is asked to stop (SIGTERM: cluster preemption, SLURM's signal
-before a time limit; SIGINT: Ctrl-C), after which it ends the run cleanly.
+of training, at the end of training, and when the run is asked to stop (SIGTERM: cluster
+preemption, SLURM's signal before a time limit; SIGINT: Ctrl-C), after which it ends the run
+cleanly.
 """
 import signal
 import time
@@ -89,8 +90,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _report_stop(self, trainer: "pl.Trainer", name: str) -> None:
         rank_zero_info(f"Stopped on {name} after meta-step {trainer.global_step}: "
-                       f"{display_path(self.last_model_path)} holds that state. Resume with the same command "
-                       f"and --ckpt_path last")
+                       f"{display_path(self.last_model_path)} holds that state. Resume with the "
+                       f"same command and --ckpt_path last")
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_validation_end(trainer, pl_module)  # best-by-score, and last if that saved

@@ -48,8 +48,8 @@ class IMAMLCLI(LightningCLI):
             return
         folder = self.trainer.checkpoint_callback.dirpath
         if folder and not list(Path(folder).glob("last*.ckpt")):
-            rank_zero_info(f"ckpt_path=last: no last.ckpt in {display_path(folder)}, so training starts from "
-                           f"meta-step 0")
+            rank_zero_info(f"ckpt_path=last: no last.ckpt in {display_path(folder)}, so training "
+                           f"starts from meta-step 0")
             warnings.filterwarnings("ignore", message=".*there is no last checkpoint available.*")
 
     def parse_arguments(self, parser, args) -> None:
