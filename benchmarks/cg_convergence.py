@@ -17,8 +17,9 @@ from torch.func import hessian
 from benchmarks.common import machine, markdown_table, save_line_plot
 from imaml_lightning.data.episodes import task_generator
 from imaml_lightning.data.sinusoid import SinusoidTasks
-from imaml_lightning.solver import IMAMLConfig, Task, conjugate_gradient, hessian_vector_product, mse_loss
-from imaml_lightning.solver.imaml import adapt, loss_and_output
+from imaml_lightning.solver import SolverConfig, Task, conjugate_gradient, hessian_vector_product, mse_loss
+from imaml_lightning.solver.algorithms import adapt
+from imaml_lightning.solver.objective import TaskLoss
 
 LAMBDAS, MAX_CG = (0.5, 2.0, 8.0), 20
 
@@ -31,7 +32,7 @@ def cg_errors(fn, theta, task, lam):
     """Relative error of CG's meta-gradient after 1..MAX_CG steps, the condition number of
     I + H/lam at the inner minimizer, and the final inner gradient norm."""
     # Hessian-free Newton to a true minimizer of G, where H + lam I is positive semi-definite.
-    inner = IMAMLConfig(lam=lam, inner_solver="hf", inner_steps=100, inner_lr=1.0, hf_cg_steps=50)
+    inner = SolverConfig(lam=lam, inner_solver="hf", inner_steps=100, inner_lr=1.0, hf_cg_steps=50)
     phi, info = adapt(fn, theta, task, inner)
     support = lambda p: fn(p, task.support_x, task.support_y)[0]  # noqa: E731
     query_grad = torch.func.grad(lambda p: fn(p, task.query_x, task.query_y)[0])(phi)
@@ -61,7 +62,7 @@ def main(plot):
     theta = {k: v.detach() for k, v in net.named_parameters()}
     sampler = SinusoidTasks(10, 10, (0.1, 5.0), (0.0, 3.1416), (-5.0, 5.0))
     task = Task(*(t.double() for t in sampler("train", task_generator(0, "train", 0))))
-    fn = loss_and_output(net, mse_loss)
+    fn = TaskLoss(net, mse_loss)
     results = {lam: cg_errors(fn, theta, task, lam) for lam in LAMBDAS}
 
     print(machine())

@@ -23,7 +23,7 @@ from benchmarks.walking_skeleton import ROOT, cli
 
 def arm_flags(root: str, curvature: str, cg_steps: int) -> list:
     return ["--config", str(ROOT / "configs/omniglot_5way_1shot.yaml"), "--data.root", root,
-            "--model.curvature", curvature, "--model.cg_steps", str(cg_steps), "--seed_everything", "0"]
+            "--model.solver.curvature", curvature, "--model.solver.cg_steps", str(cg_steps), "--seed_everything", "0"]
 
 
 def calibrate(flags: list) -> float:

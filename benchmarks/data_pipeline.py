@@ -29,11 +29,11 @@ from imaml_lightning.data.base import EpisodicDataModule
 from imaml_lightning.data.episodes import task_generator
 from imaml_lightning.data.images import ClassificationTasks, LabeledImages, to_unit_range
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import IMAMLConfig, Task, meta_gradient, surrogate_loss
+from imaml_lightning.solver import SolverConfig, Task, meta_gradient, surrogate_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [(5, 1, 5, 8), (20, 5, 5, 8)]  # ways, shots, queries, meta-batch
-SHIPPED = IMAMLConfig(lam=0.5, inner_steps=10, inner_lr=0.3, cg_steps=5)  # configs/omniglot_5way_1shot.yaml
+SHIPPED = SolverConfig(lam=0.5, inner_steps=10, inner_lr=0.3, cg_steps=5)  # configs/omniglot_5way_1shot.yaml
 
 
 def episodes_per_second(sample, seconds: float = 3.0) -> float:

@@ -35,8 +35,9 @@ from benchmarks.common import machine, markdown_table
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.images import to_unit_range
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import IMAMLConfig, Task, meta_gradient, surrogate_loss
-from imaml_lightning.solver.imaml import adapt, loss_and_output, solve_implicit_system
+from imaml_lightning.solver import SolverConfig, Task, meta_gradient, surrogate_loss
+from imaml_lightning.solver.algorithms import adapt, solve_implicit_system
+from imaml_lightning.solver.objective import TaskLoss
 from imaml_lightning.solver.inner import gradient_descent
 from imaml_lightning.solver.objective import ProximalObjective
 
@@ -61,7 +62,7 @@ def train_theta(net, sampler, config, steps: int, meta_batch: int):
     return {k: v.detach() for k, v in params.items()}
 
 
-def unrolled_derivative(fn, theta, task: Task, config: IMAMLConfig):
+def unrolled_derivative(fn, theta, task: Task, config: SolverConfig):
     """d/dtheta L(phi_K(theta); Q) through the K GD steps on G (theta: start and anchor)."""
     def query_loss_after_adaptation(start):
         objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), start, config.lam)
@@ -70,11 +71,11 @@ def unrolled_derivative(fn, theta, task: Task, config: IMAMLConfig):
     return grad(query_loss_after_adaptation)(theta)
 
 
-def query_loss_after_adaptation(fn, theta, task: Task, config: IMAMLConfig):
+def query_loss_after_adaptation(fn, theta, task: Task, config: SolverConfig):
     return fn(adapt(fn, theta, task, config)[0], task.query_x, task.query_y)[0]
 
 
-def decrease_along(fn, theta, task: Task, config: IMAMLConfig, direction: torch.Tensor, step: float):
+def decrease_along(fn, theta, task: Task, config: SolverConfig, direction: torch.Tensor, step: float):
     """L(phi_K(theta); Q) - L(phi_K(theta - step d/||d||); Q) for a flat direction d."""
     sizes = [v.numel() for v in theta.values()]
     unit = direction / direction.norm().clamp_min(1e-30)
@@ -83,7 +84,7 @@ def decrease_along(fn, theta, task: Task, config: IMAMLConfig, direction: torch.
             - query_loss_after_adaptation(fn, moved, task, config))
 
 
-def candidates(fn, theta, task: Task, config: IMAMLConfig):
+def candidates(fn, theta, task: Task, config: SolverConfig):
     """Per task: every candidate meta-gradient and the reference, flattened."""
     def solve(curvature: str, phi, b, steps: int):
         product = fn.curvature(curvature, task.support_x, task.support_y)(phi)
@@ -121,7 +122,7 @@ def main(args) -> None:
                               download=False)
     sampler = data.make_sampler()
     net = ConvNet(args.ways)
-    config = IMAMLConfig(lam=args.lam, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+    config = SolverConfig(lam=args.lam, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
                          cg_steps=args.cg_steps)
     cache = ROOT / "benchmarks/results" / f"theta_{args.ways}way_lam{args.lam}_{args.train_steps}steps.pt"
     if cache.is_file():  # a rerun reuses the meta-trained theta
@@ -132,7 +133,7 @@ def main(args) -> None:
         trained = f"{time.perf_counter() - start:.0f} s"
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(theta, cache)
-    fn = loss_and_output(net, F.cross_entropy)
+    fn = TaskLoss(net, F.cross_entropy)
     tasks = sample(sampler, args.tasks, 7)
     per_task = vmap(lambda task: candidates(fn, theta, task, config), chunk_size=args.chunk,
                     randomness="different")

@@ -62,9 +62,9 @@ def logging_code():
 
     from imaml_lightning.charts import TrainingCharts
     from imaml_lightning.module import IMAML
-    from imaml_lightning.solver import imaml
+    from imaml_lightning.solver import batched
 
-    return [(imaml, "query_loss_before_adaptation"), (IMAML, "log_training"),
+    return [(batched, "query_loss_before_adaptation"), (IMAML, "log_training"),
             (IMAML, "score_after_adaptation"), (IMAML, "log_progress"),
             (TrainingCharts, "on_train_batch_end"),
             (TensorBoardLogger, "log_metrics")]

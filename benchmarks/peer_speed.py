@@ -33,7 +33,7 @@ from benchmarks.common import machine, markdown_table
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.images import to_unit_range
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import CURVATURES, IMAMLConfig, Task, meta_gradient, surrogate_loss
+from imaml_lightning.solver import CURVATURES, SolverConfig, Task, meta_gradient, surrogate_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 WAYS, SHOTS, QUERIES, META_BATCH, K, CG, LAM, INNER_LR, OUTER_LR = 5, 1, 1, 32, 16, 5, 2.0, 0.1, 1e-3
@@ -80,7 +80,7 @@ def peer_iteration(peer, net: torch.nn.Module, tasks: Task):
 def our_iteration(net: torch.nn.Module, tasks: Task, curvature: str):
     params = dict(net.named_parameters())
     optimizer = torch.optim.Adam(net.parameters(), lr=OUTER_LR, eps=1e-3)
-    config = IMAMLConfig(lam=LAM, inner_steps=K, inner_lr=INNER_LR, cg_steps=CG, curvature=curvature)
+    config = SolverConfig(lam=LAM, inner_steps=K, inner_lr=INNER_LR, cg_steps=CG, curvature=curvature)
 
     def run():
         result = meta_gradient(net, params, tasks, F.cross_entropy, config, diagnose_before=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import machine, markdown_table, omniglot_shaped_tasks, save_line_plot
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import IMAMLConfig, meta_gradient
+from imaml_lightning.solver import SolverConfig, meta_gradient
 
 WAYS, SHOTS, QUERIES = 20, 5, 5
 
@@ -33,7 +33,7 @@ def measure_one(algorithm: str, steps: int) -> dict:
     torch.manual_seed(0)
     net = ConvNet(WAYS)
     tasks = omniglot_shaped_tasks(1, WAYS, SHOTS, QUERIES)
-    config = IMAMLConfig(algorithm=algorithm, lam=2.0, inner_steps=steps, inner_lr=0.1, cg_steps=5)
+    config = SolverConfig(algorithm=algorithm, lam=2.0, inner_steps=steps, inner_lr=0.1, cg_steps=5)
     before = resident_mib()
     try:
         meta_gradient(net, dict(net.named_parameters()), tasks, F.cross_entropy, config)

@@ -21,10 +21,9 @@ from torch.func import grad, vmap
 
 from benchmarks.common import machine, markdown_table, median_seconds, omniglot_shaped_tasks
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import (
-    CURVATURES, IMAMLConfig, meta_gradient, meta_gradient_loop, surrogate_loss, tree,
-)
-from imaml_lightning.solver.imaml import loss_and_output
+from imaml_lightning.solver import CURVATURES, SolverConfig, meta_gradient, surrogate_loss, tree
+from imaml_lightning.solver.objective import TaskLoss
+from imaml_lightning.solver.reference import meta_gradient_loop
 
 WAYS, SHOTS, QUERIES, META_BATCH, K, CG, LAM = 5, 1, 1, 32, 16, 5, 2.0
 # (passes per product, per solve)
@@ -44,7 +43,7 @@ def main(repeats: int) -> None:
     tasks = omniglot_shaped_tasks(META_BATCH, WAYS, SHOTS, QUERIES)
 
     def meta_iteration(solve, curvature):
-        config = IMAMLConfig(lam=LAM, inner_steps=K, inner_lr=0.1, cg_steps=CG, curvature=curvature)
+        config = SolverConfig(lam=LAM, inner_steps=K, inner_lr=0.1, cg_steps=CG, curvature=curvature)
 
         def run():
             result = solve(net, params, tasks, F.cross_entropy, config)
@@ -96,7 +95,7 @@ def perturbed(params, seed: int = 0):
 
 def vectorized_gradient_seconds(net, params, tasks) -> float:
     """Median seconds of one vmapped support-loss gradient over the meta-batch."""
-    fn = loss_and_output(net, F.cross_entropy)
+    fn = TaskLoss(net, F.cross_entropy)
     gradients = vmap(grad(lambda p, x, y: fn(p, x, y)[0]))
     phi = perturbed(params)
     return median_seconds(lambda: gradients(phi, tasks.support_x, tasks.support_y), 10, 2)
@@ -105,7 +104,7 @@ def vectorized_gradient_seconds(net, params, tasks) -> float:
 def vectorized_product_seconds(net, params, tasks, curvature: str) -> float:
     """Median seconds per curvature product under vmap, timed as CG uses them: CG products at
     one point (a Gauss-Newton pullback is built once and shared by them), divided by CG."""
-    fn = loss_and_output(net, F.cross_entropy)
+    fn = TaskLoss(net, F.cross_entropy)
 
     def products(phi, x, y):
         matvec = fn.curvature(curvature, x, y)(phi)

@@ -5,9 +5,10 @@ import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Optional
 
 import torch
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -19,6 +20,8 @@ from imaml_lightning.errors import (
     SettingError, display_path, find_setting_error, require, summarize_parse_error,
 )
 from imaml_lightning.module import IMAML
+from imaml_lightning.result_file import ResultFile
+from imaml_lightning.run_settings import RunSettings, check_checkpoint_fits, settings_of, upgrade
 
 
 class IMAMLCLI(LightningCLI):
@@ -28,6 +31,7 @@ class IMAMLCLI(LightningCLI):
         # val/mse, mode min); --checkpoint.every_n_minutes times the saves between validations.
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TrainingCharts, "charts")  # --charts.every_n_steps
+        parser.add_lightning_class_args(ResultFile, "result_file")
         parser.set_defaults({
             "checkpoint.dirpath": "checkpoints",
             "checkpoint.filename": "best-step{step}",
@@ -44,20 +48,87 @@ class IMAMLCLI(LightningCLI):
         """`--ckpt_path last` with no last.ckpt yet: say so in one line (Lightning warns in
         several) and train from scratch, so one command serves a job's first start and its
         restarts."""
-        if self.config.fit.get("ckpt_path") != "last":
-            return
-        folder = self.trainer.checkpoint_callback.dirpath
-        if folder and not list(Path(folder).glob("last*.ckpt")):
-            rank_zero_info(f"ckpt_path=last: no last.ckpt in {display_path(folder)}, so training "
-                           f"starts from meta-step 0")
+        if self.config.fit.get("ckpt_path") == "last" and self.last_checkpoint() is None:
+            folder = display_path(self.trainer.checkpoint_callback.dirpath)
+            rank_zero_info(f"ckpt_path=last: no last.ckpt in {folder}, so training starts from "
+                           f"meta-step 0")
             warnings.filterwarnings("ignore", message=".*there is no last checkpoint available.*")
+        self.check_checkpoint_fits("fit")
+
+    def before_validate(self) -> None:
+        self.check_checkpoint_fits("validate")
+
+    def before_test(self) -> None:
+        self.check_checkpoint_fits("test")
+
+    def last_checkpoint(self) -> Optional[Path]:
+        folder = self.trainer.checkpoint_callback.dirpath
+        found = sorted(Path(folder).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder else []
+        return found[-1] if found else None
+
+    def check_checkpoint_fits(self, subcommand: str) -> None:
+        """A checkpoint whose parameters this model cannot take: one line naming the settings
+        that differ, before Lightning's load_state_dict traceback."""
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = self.last_checkpoint()
+        if ckpt_path is None or not Path(ckpt_path).is_file():
+            return
+        check_checkpoint_fits(ckpt_path, self.model.state_dict(), settings_of(self.config[subcommand]))
 
     def parse_arguments(self, parser, args) -> None:
+        self.command_line = list(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         # Before LightningCLI itself reads the checkpoint's hyperparameters (with torch.load).
         subcommand = self.config.get("subcommand")
         if subcommand:
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # the solver names its settings solver.X: say where they are
+            setting_error = find_setting_error(error)
+            if setting_error is None or not str(setting_error).startswith("solver."):
+                raise
+            raise SettingError(f"model.{setting_error}") from None
+
+    def _parse_ckpt_path(self) -> None:
+        """The model settings of a run given a checkpoint: the config file's, then the
+        checkpoint's over them, then the flags typed on the command line over both.
+        LightningCLI's own rule puts the checkpoint over everything, so `test --ckpt_path X
+        --model.batch_norm support` silently ran with the checkpoint's setting."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = upgrade(torch.load(ckpt_path, map_location="cpu", weights_only=True))
+        hparams = checkpoint.get("hyper_parameters") or {}
+        settings = {k: v for k, v in hparams.items() if k not in NOT_MODEL_SETTINGS}
+        config_files, flags = split_config_files(self.command_line)
+        self.config = self.parser.parse_args(
+            [*config_files, "--model", json.dumps(settings), *flags] if settings else self.command_line)
+
+
+# In a checkpoint's hyperparameters, but no model settings: Lightning's bookkeeping, and the
+# values the data module links into the model.
+NOT_MODEL_SETTINGS = ("_instantiator", "_class_path", "out_features", "problem")
+
+
+def split_config_files(args: list) -> tuple:
+    """([subcommand, --config files...], [every other argument]), each in its given order."""
+    config_files, flags, rest = [], [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-c", "--config") and rest:
+            config_files += [arg, rest.pop(0)]
+        elif arg.startswith("--config="):
+            config_files.append(arg)
+        elif not config_files and not flags and not arg.startswith("-"):
+            config_files.append(arg)  # the subcommand
+        else:
+            flags.append(arg)
+    return config_files, flags
 
 
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")  # resolved by Lightning itself
@@ -77,27 +148,6 @@ def check_checkpoint_file(ckpt_path) -> None:
                            f"torch.load can read ({str(error).splitlines()[0][:120]})") from None
     require(isinstance(checkpoint, dict) and "state_dict" in checkpoint and "global_step" in checkpoint,
             "ckpt_path", str(ckpt_path), "not a Lightning checkpoint of this program (no state_dict)")
-
-
-class SaveConfigInCheckpoints(SaveConfigCallback):
-    """Writes config.yaml to the log folder (Lightning's behaviour) and hands the model and data
-    settings to the module, which records them in every checkpoint: a resume with settings that
-    change the network can then name them."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        config = self.config.clone().as_dict()
-        pl_module.run_settings = {k: json.dumps(v, default=str) for section in ("model", "data")
-                                  for k, v in flatten(config.get(section) or {}, section).items()}
-
-
-def flatten(tree: dict, prefix: str) -> dict:
-    """{"a": {"b": 1}} -> {"prefix.a.b": 1}"""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}"
-        flat.update(flatten(value, name) if isinstance(value, dict) else {name: value})
-    return flat
 
 
 TRAINER_DEFAULTS = {
@@ -151,7 +201,7 @@ def main(args=None) -> None:
             EpisodicDataModule,
             subclass_mode_data=True,
             seed_everything_default=0,
-            save_config_callback=SaveConfigInCheckpoints,
+            save_config_callback=RunSettings,
             trainer_defaults=TRAINER_DEFAULTS,
             parser_kwargs={"exit_on_error": False},  # parse errors come to us, as one line
             args=args,

@@ -13,7 +13,7 @@ from tests.helpers import cli_command, cli_env, load, run_cli
 from tests.test_resume import RUN, assert_same_tree
 
 SINUSOID = ["--config", "configs/sinusoid.yaml", "--data.init_args.val_episodes", "6",
-            "--data.init_args.meta_batch_size", "4", "--model.inner_steps", "3",
+            "--data.init_args.meta_batch_size", "4", "--model.solver.inner_steps", "3",
             "--trainer.enable_progress_bar", "false"]
 
 

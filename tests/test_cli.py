@@ -86,7 +86,7 @@ def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
     main(["fit", "--config", "configs/omniglot_5way_1shot.yaml",
           "--data.root", str(omniglot_root), "--data.init_args.cache_dir", str(cache_dir),
           "--data.init_args.meta_batch_size", "2", "--data.init_args.val_episodes", "4",
-          "--model.inner_steps", "2", "--model.net.init_args.hidden", "8",
+          "--model.solver.inner_steps", "2", "--model.net.init_args.hidden", "8",
           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
           "--trainer.enable_progress_bar", "false", "--charts.every_n_steps", "1"])
     checkpoint = torch.load(workdir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -104,9 +104,9 @@ def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
     ("imaml", "hf", "gauss_newton"), ("imaml", "gd", "gauss_newton")])
 def test_baselines_inner_solvers_and_curvatures_train_through_the_cli(
         workdir, algorithm, inner_solver, curvature):
-    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2", "--model.algorithm", algorithm,
-          "--model.inner_solver", inner_solver, "--model.inner_steps", "2",
-          "--model.curvature", curvature])
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2", "--model.solver.algorithm", algorithm,
+          "--model.solver.inner_solver", inner_solver, "--model.solver.inner_steps", "2",
+          "--model.solver.curvature", curvature])
     logged = scalars(workdir / "lightning_logs" / "version_0")
     assert "train/query_loss_after" in logged and "val/mse" in logged
     assert ("train/cg_residual" in logged) == (algorithm == "imaml")
@@ -116,17 +116,17 @@ def test_baselines_inner_solvers_and_curvatures_train_through_the_cli(
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model.lam", "0"], "model.lam=0.0 is invalid"),
+    (["--model.solver.lam", "0"], "model.solver.lam=0.0 is invalid"),
     (["--data.init_args.shots", "0"], "data.shots=0 is invalid"),
-    (["--model.hf_cg_steps", "0"], "model.hf_cg_steps=0 is invalid"),
-    (["--model.inner_solver", "newton"],
-     "model.inner_solver='newton' is invalid: must be one of 'gd', 'adam', 'hf'"),
-    (["--model.inner_steps", "ten"], "model.inner_steps='ten' is invalid: must be int"),
+    (["--model.solver.hf_cg_steps", "0"], "model.solver.hf_cg_steps=0 is invalid"),
+    (["--model.solver.inner_solver", "newton"],
+     "model.solver.inner_solver='newton' is invalid: must be one of 'gd', 'adam', 'hf'"),
+    (["--model.solver.inner_steps", "ten"], "model.solver.inner_steps='ten' is invalid: must be int"),
     (["--data.dataset", "imagenet"], "data.dataset='imagenet' is invalid: must be one of"),
     (["--ckpt_path", "nowhere.ckpt"], "ckpt_path='nowhere.ckpt' is invalid: no such file"),
     (["--trainer.max_steps", "-5"], "error: a trainer setting is invalid: `max_steps` must be"),
-    (["--model.curvature", "fisher"],
-     "model.curvature='fisher' is invalid: must be one of 'hessian', 'gauss_newton'"),
+    (["--model.solver.curvature", "fisher"],
+     "model.solver.curvature='fisher' is invalid: must be one of 'hessian', 'gauss_newton'"),
     (["--model.lr_schedule", "cosine", "--trainer.max_steps", "-1"],
      "model.lr_schedule_steps=-1 is invalid: must be > 0 with model.lr_schedule=cosine"),
 ])
@@ -165,7 +165,7 @@ def test_hparams_tab_holds_the_settings_and_the_score(workdir):
     content = events.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = session.session_start_info.hparams
-    assert hparams["model.lam"].number_value == 0.5
+    assert hparams["model.solver.lam"].number_value == 0.5
     assert hparams["data.init_args.shots"].number_value == 10
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/val_mse"]

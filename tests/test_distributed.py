@@ -8,7 +8,7 @@ from tests.helpers import REPO, cli_command, cli_env, load, run_cli
 
 TINY_SINUSOID = [
     "--config", str(REPO / "configs/sinusoid.yaml"), "--data.init_args.meta_batch_size", "8",
-    "--data.init_args.val_episodes", "9", "--model.inner_steps", "3", "--trainer.max_steps", "5",
+    "--data.init_args.val_episodes", "9", "--model.solver.inner_steps", "3", "--trainer.max_steps", "5",
     "--trainer.val_check_interval", "5", "--trainer.enable_progress_bar", "false",
     "--trainer.accelerator", "cpu",
 ]
@@ -26,8 +26,8 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("algorithm", ["imaml", "maml"])
 def test_two_ddp_processes_train_like_one(tmp_path, algorithm):
-    one = fit(tmp_path / "one", "--model.algorithm", algorithm, "--trainer.devices", "1")
-    two = fit(tmp_path / "two", "--model.algorithm", algorithm, "--trainer.devices", "2",
+    one = fit(tmp_path / "one", "--model.solver.algorithm", algorithm, "--trainer.devices", "1")
+    two = fit(tmp_path / "two", "--model.solver.algorithm", algorithm, "--trainer.devices", "2",
               "--trainer.strategy", "ddp")
     assert one["global_step"] == two["global_step"] == 5
     # float32 rounding only (tasks summed in another order, 1.1e-6 seen for a bias after 5 steps);

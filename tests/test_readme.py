@@ -9,7 +9,7 @@ SECTIONS = {"model": ("model",), "data": ("data", "init_args"), "trainer": ("tra
 
 
 def table_defaults() -> dict:
-    """{'model.inner_lr': '0.3', ...} from the rows of the table headed 'default (Omniglot config)'."""
+    """{'model.solver.inner_lr': '0.3', ...} from the rows of the table headed 'default (Omniglot config)'."""
     text = (REPO / "README.md").read_text()
     table = text[text.index("| default (Omniglot config) |"):].split("\n\n")[0]
     defaults = {}
@@ -25,9 +25,9 @@ def table_defaults() -> dict:
 def config_value(config: dict, flag: str):
     section, _, key = flag.partition(".")
     node = config
-    for part in SECTIONS.get(section, (section,)):
-        node = (node or {}).get(part)
-    return (node or {}).get(key) if isinstance(node, dict) else None
+    for part in SECTIONS.get(section, (section,)) + tuple(key.split(".")):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def same(written: str, value) -> bool:

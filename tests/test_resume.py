@@ -11,7 +11,7 @@ from tests.test_cli import scalars
 
 RUN = [
     "--config", str(REPO / "configs/sinusoid.yaml"), "--data.init_args.meta_batch_size", "4",
-    "--data.init_args.val_episodes", "6", "--model.inner_steps", "3",
+    "--data.init_args.val_episodes", "6", "--model.solver.inner_steps", "3",
     "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
     "--trainer.enable_progress_bar", "false",
     "--model.lr_schedule", "cosine", "--model.lr_schedule_steps", "10",  # its state is restored too

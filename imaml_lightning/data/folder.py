@@ -9,17 +9,18 @@ classes in SHA-256 order of their names, the first share for meta-training, the 
 meta-validation and the rest for meta-testing (`split_ratios`), or the folders named per split
 (`split_classes`).
 """
+from functools import partial
 from itertools import accumulate, combinations
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.transforms.v2.functional import pil_to_tensor, resize
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from imaml_lightning.data.cache import cached, fingerprint, source_tag
 from imaml_lightning.data.images import (
-    ImageClassificationDataModule, LabeledImages, RotationMode, ranked, read_image,
+    ImageClassificationDataModule, LabeledImages, RotationMode, ranked, read_image, resize_square,
 )
 from imaml_lightning.errors import SettingError, require
 
@@ -27,12 +28,14 @@ SPLITS = ("train", "val", "test")
 MIN_CLASSES = 2  # per split: a task needs at least two classes
 
 
-def invalid_root(root: Path, why: str) -> SettingError:
-    return SettingError(f"data.root={str(root)!r} is invalid: {why}")
+def invalid(root: Path, why: str, setting: str = "data.root") -> SettingError:
+    return SettingError(f"{setting}={str(root)!r} is invalid: {why}")
 
 
-def list_images(root: Path) -> Dict[str, List[Path]]:
-    """The image files of each class folder, both in sorted order (ImageFolder's listing)."""
+def list_images(root: Path, setting: str = "data.root") -> Dict[str, List[Path]]:
+    """The image files of each class folder, both in sorted order (ImageFolder's listing);
+    `setting` is what an error names (predict lists a support folder with it)."""
+    invalid_root = partial(invalid, setting=setting)
     if not root.is_dir():
         raise invalid_root(root, "no such folder")
     try:
@@ -80,13 +83,9 @@ def check_split_classes(split_classes: Dict[str, List[str]], names: List[str], r
                                f"and the {b} split; splits must not share classes")
 
 
-def fit(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:
-    return image if size is None else resize(image, [size, size], antialias=True)
-
-
 def decode_all(files: List[Path], root: Path, mode: str, size: Optional[int]) -> torch.Tensor:
     # Resized as decoded: a folder of photos never sits in memory at full size.
-    images = [fit(pil_to_tensor(read_image(path, mode)), size) for path in files]
+    images = [resize_square(pil_to_tensor(read_image(path, mode)), size) for path in files]
     for path, image in zip(files, images):
         if image.shape != images[0].shape:
             (height, width), (first_height, first_width) = image.shape[1:], images[0].shape[1:]
@@ -153,6 +152,10 @@ class FolderDataModule(ImageClassificationDataModule):
                     f"gives the {split} split {len(set(members))} of the {len(names)} classes "
                     f"in data.root; each split needs >= {MIN_CLASSES}")
         return splits
+
+    def read_image_file(self, path: Path, setting: str) -> torch.Tensor:
+        mode = "L" if self.channels == 1 else "RGB"
+        return resize_square(pil_to_tensor(read_image(path, mode, setting)), self.image_size)
 
     def load(self) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
         files = list_images(self.root)

@@ -14,6 +14,7 @@ from typing import Dict, List, Literal, Optional, Tuple, get_args
 
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms.v2.functional import resize
 
 from imaml_lightning.data.base import EpisodicDataModule
 from imaml_lightning.data.cache import default_cache_dir
@@ -104,14 +105,19 @@ def rotate_each_class(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def read_image(path: Path, mode: str) -> Image.Image:
+def read_image(path: Path, mode: str, setting: str = "data.root") -> Image.Image:
     """The image in PIL mode `mode` ("L", "RGB"), upright as its EXIF says. PIL, as in
     ImageFolder's loader: torchvision.io.decode_image reads only jpeg, png, webp and gif."""
     try:
         with Image.open(path) as image:
             return ImageOps.exif_transpose(image).convert(mode)
     except (OSError, ValueError) as error:  # not an image, truncated, unsupported variant
-        raise SettingError(f"data.root is invalid: cannot read image {path} ({error})") from None
+        raise SettingError(f"{setting} is invalid: cannot read image {path} ({error})") from None
+
+
+def resize_square(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """uint8 [C, H, W] resized to [C, size, size] (antialiased); size None keeps it."""
+    return image if size is None else resize(image, [size, size], antialias=True)
 
 
 def ranked(names: List[str]) -> List[int]:
@@ -141,6 +147,11 @@ class ImageClassificationDataModule(EpisodicDataModule):
 
     def load(self) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
         """The images (from the cache once built) and the class ids of each split."""
+        raise NotImplementedError
+
+    def read_image_file(self, path: Path, setting: str) -> torch.Tensor:
+        """One image file as uint8 [C, H, W], preprocessed exactly as this dataset's images
+        (predict reads a user's images with it); unreadable files name `setting`."""
         raise NotImplementedError
 
     def prepare_data(self) -> None:

@@ -17,9 +17,12 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from filelock import FileLock
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from imaml_lightning.data.cache import cached, fingerprint, source_tag
-from imaml_lightning.data.images import ImageClassificationDataModule, LabeledImages, RotationMode
+from imaml_lightning.data.images import (
+    ImageClassificationDataModule, LabeledImages, RotationMode, read_image, resize_square,
+)
 from imaml_lightning.errors import SettingError
 
 FILE_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the file name's
@@ -167,6 +170,9 @@ class MiniImageNetDataModule(ImageClassificationDataModule):
     ):
         super().__init__(ways, shots, queries, rotations, cache_dir, **kwargs)
         self.root, self.download = Path(root), download
+
+    def read_image_file(self, path: Path, setting: str) -> torch.Tensor:
+        return resize_square(pil_to_tensor(read_image(path, "RGB", setting)), IMAGE_SHAPE[0])
 
     def load(self) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
         missing = [p for p in pickle_paths(self.root) if not p.is_file()]

@@ -105,9 +105,10 @@ def alphabet_split(characters: List[List[Path]]) -> Dict[str, torch.Tensor]:
 SPLIT_MODES = {"paper": paper_split, "alphabet": alphabet_split}
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int, setting: str = "data.root") -> np.ndarray:
     """Strokes as bright foreground on black, resized with LANCZOS as in MAML."""
-    return np.asarray(ImageOps.invert(read_image(path, "L")).resize((size, size), Image.LANCZOS))
+    image = read_image(path, "L", setting)
+    return np.asarray(ImageOps.invert(image).resize((size, size), Image.LANCZOS))
 
 
 def load_images(base: Path, characters: List[List[Path]], size: int, cache_dir: Path) -> LabeledImages:
@@ -165,6 +166,9 @@ class OmniglotDataModule(ImageClassificationDataModule):
             raise SettingError(f"data.root={str(self.root)!r} is invalid: it holds no "
                                f"{' and '.join(SETS)} folders (and data.download is false)")
         return base or download(self.root)
+
+    def read_image_file(self, path: Path, setting: str) -> torch.Tensor:
+        return torch.from_numpy(load_image(path, self.image_size, setting)).unsqueeze(0)
 
     def load(self) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
         base = self._base()

@@ -292,7 +292,7 @@ def fit_args(root, cache, *overrides):
             "--data.init_args.root", str(root), "--data.init_args.cache_dir", str(cache),
             "--data.init_args.split_ratios", "[0.5, 0.25, 0.25]",
             "--data.init_args.meta_batch_size", "2", "--data.init_args.val_episodes", "2",
-            "--data.init_args.eval_batch_size", "2", "--model.inner_steps", "2",
+            "--data.init_args.eval_batch_size", "2", "--model.solver.inner_steps", "2",
             "--model.net.init_args.hidden", "8", "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
             "--charts.every_n_steps", "0", *overrides]
@@ -322,7 +322,7 @@ def test_dataset_short_name_switches_another_config_to_the_folder(workdir, root)
             "--data.cache_dir", str(workdir / "cache"), "--data.image_size", "28",
             "--data.channels", "1", "--data.ways", "2", "--data.split_ratios", "[0.5, 0.25, 0.25]",
             "--data.meta_batch_size", "2", "--data.val_episodes", "2",
-            "--model.inner_steps", "1", "--model.net.init_args.hidden", "8",
+            "--model.solver.inner_steps", "1", "--model.net.init_args.hidden", "8",
             "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
             "--trainer.enable_progress_bar", "false", "--charts.every_n_steps", "0")
     config = (workdir / "lightning_logs" / "version_0" / "config.yaml").read_text()

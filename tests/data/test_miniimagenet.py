@@ -258,7 +258,7 @@ def test_fit_through_the_cli_with_the_config(fake, cache, workdir):
     run_cli(workdir, "fit", "--config", "configs/miniimagenet_5way_1shot.yaml",
             "--data.init_args.root", str(fake[0]), "--data.init_args.cache_dir", str(cache),
             "--data.init_args.meta_batch_size", "2", "--data.init_args.val_episodes", "2",
-            "--data.init_args.eval_batch_size", "2", "--model.inner_steps", "2",
+            "--data.init_args.eval_batch_size", "2", "--model.solver.inner_steps", "2",
             "--model.net.init_args.hidden", "8", "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false")
     checkpoint = load(workdir / "checkpoints" / "last.ckpt")

@@ -29,10 +29,16 @@ def test_paper_split_is_disjoint_complete_and_fixed(omniglot_root):
     assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"]
     assert not sets["val"] & sets["test"]
     assert set.union(*sets.values()) == set(range(1623))
-    # The split is by name, documented and frozen: pin a few members so it cannot drift.
+    # The split is by name, documented and frozen: pin members so that it cannot drift.
     names = {split: {character_name(characters[i]) for i in ids} for split, ids in sets.items()}
     assert len({n.split("/")[0] for n in names["test"]}) > 40  # spread over the alphabets
-    assert paper_split(list(reversed(characters)))["test"].numel() == 423
+    pinned = {"train": {"Alphabet_of_the_Magi/character02", "ULOG/character26"},
+              "val": {"Alphabet_of_the_Magi/character08", "Tifinagh/character47"},
+              "test": {"Alphabet_of_the_Magi/character01", "ULOG/character25",
+                       "Angelic/character02", "Avesta/character03"}}
+    assert all(pinned[split] <= names[split] for split in pinned), "the paper split moved"
+    reordered = paper_split(list(reversed(characters)))  # by name, not by listing order
+    assert {character_name(characters[::-1][i]) for i in reordered["test"].tolist()} == names["test"]
 
 
 def test_alphabet_split_shares_no_alphabet(omniglot_root):
@@ -41,6 +47,11 @@ def test_alphabet_split_shares_no_alphabet(omniglot_root):
     alphabets = {split: {character_name(characters[i]).split("/")[0] for i in ids.tolist()}
                  for split, ids in splits.items()}
     assert {k: len(v) for k, v in alphabets.items()} == {"train": 25, "val": 5, "test": 20}
+    names = {split: {character_name(characters[i]) for i in ids.tolist()} for split, ids in splits.items()}
+    pinned = {"train": {"Alphabet_of_the_Magi/character01", "Tifinagh/character55"},
+              "val": {"Bengali/character01", "N_Ko/character33"},
+              "test": {"Angelic/character01", "ULOG/character26"}}
+    assert all(pinned[split] <= names[split] for split in pinned), "the alphabet split moved"
     assert not alphabets["train"] & alphabets["val"] and not alphabets["train"] & alphabets["test"]
     assert not alphabets["val"] & alphabets["test"]
     assert sum(len(ids) for ids in splits.values()) == 1623

@@ -6,11 +6,9 @@ from torch import nn
 from torch.func import functional_call
 
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import (
-    INNER_SOLVERS, IMAMLConfig, Task, meta_gradient, meta_gradient_loop, mse_loss,
-)
-from imaml_lightning.solver.imaml import loss_and_output
-from imaml_lightning.solver.objective import ProximalObjective
+from imaml_lightning.solver import INNER_SOLVERS, SolverConfig, Task, meta_gradient, mse_loss
+from imaml_lightning.solver.objective import ProximalObjective, TaskLoss
+from imaml_lightning.solver.reference import meta_gradient_loop
 from tests.solver.test_imaml import closed_form_meta_gradient, half_mse, omniglot_like_tasks, ridge_tasks
 
 
@@ -25,7 +23,7 @@ def test_every_inner_solver_reaches_the_closed_form_meta_gradient(inner_solver, 
     model = linear_model()
     params = dict(model.named_parameters())
     tasks = ridge_tasks()
-    config = IMAMLConfig(lam=0.7, inner_steps=steps, inner_lr=lr, cg_steps=20,
+    config = SolverConfig(lam=0.7, inner_steps=steps, inner_lr=lr, cg_steps=20,
                          inner_solver=inner_solver, hf_cg_steps=10)
     result = meta_gradient(model, params, tasks, half_mse, config)
     expected = torch.stack([
@@ -42,7 +40,7 @@ def test_hf_lowers_the_objective_more_than_gd_for_the_same_gradient_evaluations(
     theta = {k: v.detach() for k, v in model.named_parameters()}
     tasks = ridge_tasks(tasks=1, d=6, seed=5)
     task = Task(*(t[0] for t in tasks))
-    fn = loss_and_output(model, half_mse)
+    fn = TaskLoss(model, half_mse)
     objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 0.1)
     hf = INNER_SOLVERS["hf"](objective, theta, steps=2, lr=1.0, hf_cg_steps=4)
     gd = INNER_SOLVERS["gd"](objective, theta, steps=18, lr=0.5)
@@ -54,7 +52,7 @@ def test_inner_trace_records_the_objective_at_every_iterate(inner_solver, lr):
     model = linear_model()
     theta = {k: v.detach() for k, v in model.named_parameters()}
     task = Task(*(t[0] for t in ridge_tasks(tasks=1)))
-    fn = loss_and_output(model, half_mse)
+    fn = TaskLoss(model, half_mse)
     objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
     result = INNER_SOLVERS[inner_solver](objective, theta, steps=7, lr=lr)
     assert result.objective_trace.shape == (8,)
@@ -80,7 +78,7 @@ def test_hf_converges_on_a_smooth_nonconvex_network():
                         nn.Linear(40, 1)).double()
     theta = {k: v.detach() for k, v in net.named_parameters()}
     x = (torch.rand(10, 1) * 10 - 5).double()
-    fn = loss_and_output(net, mse_loss)
+    fn = TaskLoss(net, mse_loss)
     objective = ProximalObjective(lambda p: fn(p, x, 3 * torch.sin(x + 1)), theta, 0.5)
     hf = INNER_SOLVERS["hf"](objective, theta, steps=40, lr=1.0, hf_cg_steps=5)
     gd = INNER_SOLVERS["gd"](objective, theta, steps=400, lr=0.005)
@@ -95,7 +93,7 @@ def test_hf_takes_the_full_newton_step_whatever_the_gd_step_size():
     model = nn.Linear(5, 1, bias=False).double()
     theta = {k: v.detach() for k, v in model.named_parameters()}
     task = Task(*(t[0] for t in ridge_tasks(tasks=1, d=5)))
-    fn = loss_and_output(model, half_mse)
+    fn = TaskLoss(model, half_mse)
     objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 0.5)
     hf = INNER_SOLVERS["hf"](objective, theta, steps=1, lr=0.3, hf_cg_steps=5)
     X, y = task.support_x, task.support_y
@@ -108,7 +106,7 @@ def test_inner_tolerance_stops_converged_tasks():
     model = linear_model()
     theta = {k: v.detach() for k, v in model.named_parameters()}
     task = Task(*(t[0] for t in ridge_tasks(tasks=1)))
-    fn = loss_and_output(model, half_mse)
+    fn = TaskLoss(model, half_mse)
     objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
     loose = INNER_SOLVERS["gd"](objective, theta, steps=500, lr=0.3, tol=1e-2)
     tight = INNER_SOLVERS["gd"](objective, theta, steps=500, lr=0.3)
@@ -133,7 +131,7 @@ def test_maml_meta_gradient_equals_autograd_through_the_unrolled_loop():
     model = ConvNet(5, hidden=8).double()
     params = dict(model.named_parameters())
     tasks = Task(*(t.double() if t.is_floating_point() else t for t in omniglot_like_tasks(tasks=2)))
-    config = IMAMLConfig(algorithm="maml", inner_steps=3, inner_lr=0.4)
+    config = SolverConfig(algorithm="maml", inner_steps=3, inner_lr=0.4)
     result = meta_gradient(model, params, tasks, F.cross_entropy, config)
     expected = [unrolled_maml_gradient(model, params, Task(*(t[i] for t in tasks)), 3, 0.4)
                 for i in range(2)]
@@ -141,7 +139,7 @@ def test_maml_meta_gradient_equals_autograd_through_the_unrolled_loop():
         torch.testing.assert_close(grad, (expected[0][name] + expected[1][name]) / 2)
     # ... and is not the first-order one (the second-order terms matter here).
     first_order = meta_gradient(model, params, tasks, F.cross_entropy,
-                                IMAMLConfig(algorithm="fomaml", inner_steps=3, inner_lr=0.4))
+                                SolverConfig(algorithm="fomaml", inner_steps=3, inner_lr=0.4))
     gap = sum((result.grads[k] - first_order.grads[k]).norm() for k in params)
     assert gap > 1e-4 * sum(g.norm() for g in result.grads.values())
 
@@ -154,9 +152,9 @@ def test_fomaml_and_reptile_directions():
     X, y, Xq, yq = (t[0] for t in tasks)
     w0 = params["weight"].detach().T
     phi = w0 - 0.1 * X.T @ (X @ w0 - y) / len(X)  # one plain gradient step on the support loss
-    fomaml = meta_gradient(model, params, tasks, half_mse, IMAMLConfig(algorithm="fomaml", inner_steps=1))
+    fomaml = meta_gradient(model, params, tasks, half_mse, SolverConfig(algorithm="fomaml", inner_steps=1))
     torch.testing.assert_close(fomaml.grads["weight"], (Xq.T @ (Xq @ phi - yq) / len(Xq)).T)
-    reptile = meta_gradient(model, params, tasks, half_mse, IMAMLConfig(algorithm="reptile", inner_steps=1))
+    reptile = meta_gradient(model, params, tasks, half_mse, SolverConfig(algorithm="reptile", inner_steps=1))
     torch.testing.assert_close(reptile.grads["weight"], (w0 - phi).T)
 
 
@@ -166,7 +164,7 @@ def test_vmap_equals_the_per_task_loop(algorithm):
     model = ConvNet(5, hidden=16)
     params = dict(model.named_parameters())
     tasks = omniglot_like_tasks()
-    config = IMAMLConfig(algorithm=algorithm, inner_steps=3, cg_steps=3)
+    config = SolverConfig(algorithm=algorithm, inner_steps=3, cg_steps=3)
     batched = meta_gradient(model, params, tasks, F.cross_entropy, config)
     loop = meta_gradient_loop(model, params, tasks, F.cross_entropy, config)
     for name, grad in batched.grads.items():
@@ -186,7 +184,7 @@ def test_regression_loss_runs_under_every_algorithm():
     tasks = Task(*(torch.randn(2, 5, 1, generator=g) for _ in range(4)))
     for algorithm in ("imaml", "maml", "fomaml", "reptile"):
         for inner_solver in ("gd", "adam", "hf") if algorithm != "maml" else ("gd",):
-            config = IMAMLConfig(algorithm=algorithm, inner_solver=inner_solver, inner_steps=2,
+            config = SolverConfig(algorithm=algorithm, inner_solver=inner_solver, inner_steps=2,
                                  inner_lr=0.01)
             result = meta_gradient(model, dict(model.named_parameters()), tasks, mse_loss, config)
             assert all(torch.isfinite(v).all() for v in result.grads.values())
@@ -199,7 +197,7 @@ def test_regression_loss_runs_under_every_algorithm():
 def test_invalid_algorithm_settings(kwargs, setting):
     from imaml_lightning.errors import SettingError
     with pytest.raises(SettingError, match=setting):
-        IMAMLConfig(**kwargs)
+        SolverConfig(**kwargs)
 
 
 def test_gradient_descent_safeguard_stops_divergence():
@@ -208,7 +206,7 @@ def test_gradient_descent_safeguard_stops_divergence():
     model = linear_model()
     theta = {k: v.detach() for k, v in model.named_parameters()}
     task = Task(*(t[0] for t in ridge_tasks(tasks=1)))
-    fn = loss_and_output(model, half_mse)
+    fn = TaskLoss(model, half_mse)
     objective = ProximalObjective(lambda p: fn(p, task.support_x, task.support_y), theta, 1.0)
     start = objective(theta)[0]
     result = INNER_SOLVERS["gd"](objective, theta, steps=60, lr=50.0)
@@ -224,7 +222,7 @@ def test_the_query_pass_before_adaptation_can_be_skipped():
     torch.manual_seed(0)
     model = ConvNet(5, hidden=16)
     params, tasks = dict(model.named_parameters()), omniglot_like_tasks()
-    config = IMAMLConfig(inner_steps=2, cg_steps=2)
+    config = SolverConfig(inner_steps=2, cg_steps=2)
     full = meta_gradient(model, params, tasks, F.cross_entropy, config)
     lean = meta_gradient(model, params, tasks, F.cross_entropy, config, diagnose_before=False)
     assert "query_loss_before" in full.diagnostics and "query_loss_before" not in lean.diagnostics

@@ -7,9 +7,10 @@ from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call, vmap
 
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import IMAMLConfig, Task, meta_gradient, mse_loss, task_meta_gradient
+from imaml_lightning.solver import SolverConfig, Task, meta_gradient, mse_loss, task_meta_gradient
 from imaml_lightning.solver.curvature import gauss_newton, hessian_vector_product
-from imaml_lightning.solver.imaml import adapt, loss_and_output
+from imaml_lightning.solver.algorithms import adapt
+from imaml_lightning.solver.objective import TaskLoss
 from tests.solver.test_imaml import (
     closed_form_meta_gradient, flat_functions, half_mse, omniglot_like_tasks, ridge_tasks,
 )
@@ -62,7 +63,7 @@ def test_forward_difference_gauss_newton_is_close_to_the_exact_product():
     torch.manual_seed(0)
     model = ConvNet(5, hidden=16)
     tasks = omniglot_like_tasks(tasks=4)
-    fn = loss_and_output(model, F.cross_entropy)
+    fn = TaskLoss(model, F.cross_entropy)
     theta = {k: v.detach() for k, v in model.named_parameters()}
     v = {k: torch.randn_like(p) for k, p in theta.items()}
     flat = lambda d: torch.cat([t.flatten() for t in d.values()])  # noqa: E731
@@ -79,7 +80,7 @@ def test_gauss_newton_equals_the_hessian_on_a_linear_model():
     task = Task(*(t[0] for t in ridge_tasks(tasks=1)))
     params = {k: v.detach() for k, v in model.named_parameters()}
     v = {"weight": torch.randn(1, 6, dtype=torch.float64)}
-    fn = loss_and_output(model, half_mse)
+    fn = TaskLoss(model, half_mse)
     ggn = fn.curvature("gauss_newton", task.support_x, task.support_y)(params)(v)
     exact = fn.curvature("hessian", task.support_x, task.support_y)(params)(v)
     torch.testing.assert_close(ggn["weight"], exact["weight"], rtol=1e-12, atol=1e-12)
@@ -92,7 +93,7 @@ def test_ridge_closed_form_holds_with_gauss_newton(inner_solver, steps, lr, curv
     model = nn.Linear(6, 1, bias=False).double()
     params = dict(model.named_parameters())
     tasks = ridge_tasks()
-    config = IMAMLConfig(lam=0.7, inner_steps=steps, inner_lr=lr, cg_steps=20, hf_cg_steps=10,
+    config = SolverConfig(lam=0.7, inner_steps=steps, inner_lr=lr, cg_steps=20, hf_cg_steps=10,
                          inner_solver=inner_solver, curvature=curvature)
     result = meta_gradient(model, params, tasks, half_mse, config)
     expected = torch.stack([
@@ -111,10 +112,10 @@ def test_cg_on_the_gauss_newton_system_never_meets_negative_curvature():
     tasks = omniglot_like_tasks(tasks=8, queries=2)
     settings = dict(lam=0.05, inner_steps=3, inner_lr=0.3, cg_steps=8)
     exact = meta_gradient(model, params, tasks, F.cross_entropy,
-                          IMAMLConfig(**settings, curvature="hessian"))
+                          SolverConfig(**settings, curvature="hessian"))
     assert exact.diagnostics["cg_negative_curvature"].any()  # the contrast the test relies on
     ggn = meta_gradient(model, params, tasks, F.cross_entropy,
-                        IMAMLConfig(**settings, curvature="gauss_newton"))
+                        SolverConfig(**settings, curvature="gauss_newton"))
     assert not ggn.diagnostics["cg_negative_curvature"].any()
     assert not ggn.diagnostics["cg_returned_start"].any()
     assert (ggn.diagnostics["cg_iterations"] == 8).all()
@@ -133,8 +134,8 @@ def test_a_task_whose_cg_returns_x0_contributes_its_first_order_term():
     theta = {k: v.detach() for k, v in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20, 3, generator=g, dtype=torch.float64)
-    fn = loss_and_output(model, signed_square_loss)
-    config = IMAMLConfig(lam=0.1, inner_steps=0, cg_steps=10, curvature="hessian")
+    fn = TaskLoss(model, signed_square_loss)
+    config = SolverConfig(lam=0.1, inner_steps=0, cg_steps=10, curvature="hessian")
     for sign, stalled in ((-1.0, True), (1.0, False)):
         y = torch.full((20, 1), sign, dtype=torch.float64)
         task = Task(x, y, x + 1, torch.ones_like(y))
@@ -165,14 +166,14 @@ def test_meta_gradient_matches_finite_differences_on_a_nonlinear_network(inner_s
     passes the ridge tests but not this one. Inner problem solved to ||grad G|| <= 1e-10, then the
     meta-gradient against central differences of theta -> L(phi*(theta); Q)."""
     model, task = tanh_regression()
-    fn = loss_and_output(model, mse_loss)
+    fn = TaskLoss(model, mse_loss)
     theta = {k: v.detach() for k, v in model.named_parameters()}
     size = sum(v.numel() for v in theta.values())
-    config = IMAMLConfig(lam=1.0, inner_steps=steps, inner_lr=lr, inner_solver=inner_solver,
+    config = SolverConfig(lam=1.0, inner_steps=steps, inner_lr=lr, inner_solver=inner_solver,
                          hf_cg_steps=size, cg_steps=size, curvature="hessian")
     gradient, diagnostics = task_meta_gradient(fn, theta, task, config)
     assert diagnostics["inner_grad_norm"] <= 1e-10
-    solve = IMAMLConfig(lam=1.0, inner_steps=12, inner_lr=1.0, inner_solver="hf", hf_cg_steps=size,
+    solve = SolverConfig(lam=1.0, inner_steps=12, inner_lr=1.0, inner_solver="hf", hf_cg_steps=size,
                         curvature="hessian")
 
     def query_loss_at_minimizer(params):
@@ -191,6 +192,6 @@ def test_meta_gradient_matches_finite_differences_on_a_nonlinear_network(inner_s
     flat = torch.cat([g.flatten() for g in gradient.values()])
     assert torch.linalg.norm(errors) <= 1e-5 * torch.linalg.norm(flat)
     # The Gauss-Newton meta-gradient is another quantity here: the test tells them apart.
-    ggn, _ = task_meta_gradient(fn, theta, task, IMAMLConfig(**{**config.__dict__, "curvature": "gauss_newton"}))
+    ggn, _ = task_meta_gradient(fn, theta, task, SolverConfig(**{**config.__dict__, "curvature": "gauss_newton"}))
     gap = torch.linalg.norm(torch.cat([(ggn[k] - gradient[k]).flatten() for k in theta]))
     assert gap > 1e-3 * torch.linalg.norm(flat)

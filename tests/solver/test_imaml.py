@@ -7,10 +7,10 @@ from torch.func import functional_call
 from imaml_lightning.errors import SettingError
 from imaml_lightning.models import MLP, ConvNet
 from imaml_lightning.solver import (
-    IMAMLConfig, Task, adapt_and_predict, hessian_vector_product, meta_gradient, mse_loss,
+    SolverConfig, Task, adapt_and_predict, hessian_vector_product, meta_gradient, mse_loss,
     surrogate_loss, task_meta_gradient,
 )
-from imaml_lightning.solver.imaml import loss_and_output
+from imaml_lightning.solver.objective import TaskLoss
 
 
 def half_mse(output, target):  # L = (1/2n) ||Xw - y||^2, the loss of the closed form
@@ -40,7 +40,7 @@ def test_meta_gradient_matches_ridge_regression_closed_form(lam):
     model = nn.Linear(6, 1, bias=False).double()
     params = dict(model.named_parameters())
     tasks = ridge_tasks()
-    config = IMAMLConfig(lam=lam, inner_steps=3000, inner_lr=0.3, cg_steps=20)
+    config = SolverConfig(lam=lam, inner_steps=3000, inner_lr=0.3, cg_steps=20)
     result = meta_gradient(model, params, tasks, half_mse, config)
     expected = torch.stack([
         closed_form_meta_gradient(params["weight"].detach(), Task(*(t[i] for t in tasks)), lam)
@@ -58,8 +58,8 @@ def test_too_few_cg_steps_do_not_reach_the_closed_form():
     model = nn.Linear(6, 1, bias=False).double()
     params = dict(model.named_parameters())
     tasks = ridge_tasks(seed=3)
-    exact = meta_gradient(model, params, tasks, half_mse, IMAMLConfig(0.1, 3000, 0.3, 30))
-    rough = meta_gradient(model, params, tasks, half_mse, IMAMLConfig(0.1, 3000, 0.3, 1))
+    exact = meta_gradient(model, params, tasks, half_mse, SolverConfig(lam=0.1, inner_steps=3000, inner_lr=0.3, cg_steps=30))
+    rough = meta_gradient(model, params, tasks, half_mse, SolverConfig(lam=0.1, inner_steps=3000, inner_lr=0.3, cg_steps=1))
     gap = torch.linalg.norm(rough.grads["weight"] - exact.grads["weight"])
     assert gap / torch.linalg.norm(exact.grads["weight"]) > 1e-3
 
@@ -69,9 +69,9 @@ def test_inner_loop_minimizes_the_ProximalObjective():
     theta = {k: v.detach() for k, v in model.named_parameters()}
     tasks = ridge_tasks(tasks=1)
     lam = 0.5
-    fn = loss_and_output(model, half_mse)
+    fn = TaskLoss(model, half_mse)
     X, y = tasks.support_x[0], tasks.support_y[0]
-    config = IMAMLConfig(lam=lam, inner_steps=2000, inner_lr=0.3, cg_steps=1)
+    config = SolverConfig(lam=lam, inner_steps=2000, inner_lr=0.3, cg_steps=1)
     _, diagnostics = task_meta_gradient(fn, theta, Task(*(t[0] for t in tasks)), config)
     H = X.T @ X / len(X)
     phi = torch.linalg.solve(H + lam * torch.eye(6, dtype=X.dtype), X.T @ y / len(X) + lam * theta["weight"].T)
@@ -131,7 +131,7 @@ def test_adaptation_fits_the_support_set():
     tasks = omniglot_like_tasks(queries=1)
     # Query = support: after adapting, the support images must be classified better than before.
     tasks = Task(tasks.support_x, tasks.support_y, tasks.support_x, tasks.support_y)
-    config = IMAMLConfig(lam=0.01, inner_steps=30, inner_lr=0.5, cg_steps=1)
+    config = SolverConfig(lam=0.01, inner_steps=30, inner_lr=0.5, cg_steps=1)
     before = adapt_and_predict(model, params, tasks, F.cross_entropy, config, inner_steps=0)
     after = adapt_and_predict(model, params, tasks, F.cross_entropy, config)
     loss = lambda out: F.cross_entropy(out.flatten(0, 1), tasks.query_y.flatten())  # noqa: E731
@@ -142,7 +142,7 @@ def test_adaptation_fits_the_support_set():
                                             ("cg_steps", 0), ("cg_tol", -1.0)])
 def test_invalid_settings_name_the_setting(setting, value):
     with pytest.raises(SettingError, match=setting):
-        IMAMLConfig(**{setting: value})
+        SolverConfig(**{setting: value})
 
 
 def test_under_autocast_only_the_inner_loop_runs_in_reduced_precision():
@@ -157,7 +157,7 @@ def test_under_autocast_only_the_inner_loop_runs_in_reduced_precision():
         return mse_loss(output.float(), target)
 
     tasks = Task(*(torch.randn(2, 10, 1) for _ in range(4)))
-    config = IMAMLConfig(lam=1.0, inner_steps=3, inner_lr=0.01, cg_steps=4)
+    config = SolverConfig(lam=1.0, inner_steps=3, inner_lr=0.01, cg_steps=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = meta_gradient(model, dict(model.named_parameters()), tasks, recording_loss, config)
     # 3 inner gradients, the gd safeguard's final check, then the query gradient and 4 HVPs
