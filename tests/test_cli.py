@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -55,6 +56,19 @@ def test_test_reports_mean_and_confidence_interval(workdir, capsys, caplog):
     assert result["metric"] == "test/mse" and result["episodes"] == 30 and result["meta_steps"] == 2
     assert f"{result['mean']:.4g}" == printed.group(1) and result["ci95"] > 0
     assert result["checkpoint"].endswith("last.ckpt")
+
+
+def test_a_checkpoint_settings_sit_between_the_config_file_and_the_flags(workdir):
+    """Config file < checkpoint < typed flags: a run trained with --model.solver.lam 2 tests with
+    lam 2 under the config file's 0.5, and a typed --model.batch_norm wins over the checkpoint."""
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2", "--model.solver.lam", "2"])
+    main(["test", *FAST_SINUSOID, "--ckpt_path", "checkpoints/last.ckpt",
+          "--model.batch_norm", "support", "--model.test_inner_steps", "3"])
+    config = yaml.safe_load((workdir / "lightning_logs/version_1/config.yaml").read_text())
+    assert config["model"]["solver"]["lam"] == 2.0  # the checkpoint's, not the config file's
+    assert config["model"]["batch_norm"] == "support" and config["model"]["test_inner_steps"] == 3
+    result = json.loads((workdir / "lightning_logs/version_1/test_result.json").read_text())
+    assert result["batch_norm"] == "support"
 
 
 def test_tensorboard_shows_training_internals_and_charts(workdir):

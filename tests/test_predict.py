@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from imaml_lightning.data.folder import FolderDataModule, list_images
 from imaml_lightning.predict import load_model, main
 from imaml_lightning.solver import Task, adapt_and_predict
-from tests.data.test_folder import make_root
+from tests.data.test_folder import make_root, noise
 from tests.helpers import REPO, run_cli
 
 CLASSES = [f"class_{c:02d}" for c in range(6)]  # 2 per split: 2-way training
@@ -166,6 +167,31 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, monkeypatch
     assert isinstance(message, str) and "\n" not in message, message
     assert message.startswith(f"error: {setting}") and why in message, message
     assert sorted(p for p in tmp_path.rglob("*")) == before  # no predictions.csv, nothing else
+
+
+def test_images_the_network_cannot_take_are_one_line(tmp_path, monkeypatch):
+    """A model trained on native-size images (data.image_size null) and support images of
+    another size: the error names the preprocessed shape (channels are converted as in training,
+    so only the size can differ)."""
+    root = make_root(tmp_path / "root", CLASSES, images=6)
+    run_cli(tmp_path, "fit", "--config", str(REPO / "configs/folder_5way_1shot.yaml"),
+            "--data.init_args.root", str(root), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+            "--data.init_args.ways", "2", "--data.init_args.queries", "2",
+            "--data.init_args.image_size", "null", "--data.init_args.split_ratios", "[0.34, 0.33, 0.33]",
+            "--data.init_args.meta_batch_size", "2", "--data.init_args.val_episodes", "2",
+            "--model.net.init_args.image_size", str(SIDE), "--model.net.init_args.hidden", "8",
+            "--model.net.init_args.max_pool", "false", "--model.solver.inner_steps", "1",
+            "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+            "--trainer.enable_progress_bar", "false", "--charts.every_n_steps", "0")
+    support = tmp_path / "support"
+    for name in CLASSES[:2]:
+        (support / name).mkdir(parents=True)
+        Image.fromarray(noise(name, 0, width=2 * SIDE, height=2 * SIDE)).save(support / name / "0.png")
+    monkeypatch.chdir(tmp_path)
+    message = predict("--ckpt_path", tmp_path / "checkpoints" / "last.ckpt", "--support", support,
+                      "--query", support)
+    assert message.startswith("error: support is invalid: its images are [3, 32, 32]"), message
+    assert not (tmp_path / "predictions.csv").exists()
 
 
 def test_regression_checkpoints_take_csv_points(tmp_path):

@@ -48,6 +48,15 @@ def _step_mask(norm: torch.Tensor, done: torch.Tensor, tol: float):
     return done, (~done).to(norm.dtype)
 
 
+def observe(objective: ProximalObjective, phi: Params, trace: list, done: torch.Tensor, tol: float):
+    """What adam and hf do first at every step: grad G and G at phi, G into the trace, and the
+    task's stop flag; returns (gradient, value, gradient norm, done, 0/1 factor for this step)."""
+    gradient, (value, _) = objective.gradient_and_value(phi)
+    trace.append(value)
+    norm = tree.norm(gradient)
+    return (gradient, value, norm, *_step_mask(norm, done, tol))
+
+
 def rounding(value: torch.Tensor) -> torch.Tensor:
     """A few units in the last place of G: near the minimizer a step changes G by less than its
     rounding error, and rejecting such a step (halving the step size each time) would stall GD
@@ -97,10 +106,7 @@ def adam(objective: ProximalObjective, theta: Params, steps: int, lr: float, tol
     phi, done, norm, trace = theta, torch.zeros((), dtype=torch.bool), None, []
     m, v = tree.zeros_like(theta), tree.zeros_like(theta)
     for t in range(1, steps + 1):
-        gradient, (value, _) = objective.gradient_and_value(phi)
-        trace.append(value)
-        norm = tree.norm(gradient)
-        done, move = _step_mask(norm, done, tol)
+        gradient, value, norm, done, move = observe(objective, phi, trace, done, tol)
         m = {k: betas[0] * m[k] + (1 - betas[0]) * g for k, g in gradient.items()}
         v = {k: betas[1] * v[k] + (1 - betas[1]) * g * g for k, g in gradient.items()}
         step = {k: (m[k] / (1 - betas[0] ** t)) / ((v[k] / (1 - betas[1] ** t)).sqrt() + eps)
@@ -120,10 +126,7 @@ def hessian_free(objective: ProximalObjective, theta: Params, steps: int, lr: fl
     phi, done, norm, trace, rejected = theta, torch.zeros((), dtype=torch.bool), None, [], None
     value_only = lambda p: objective(p)[0]  # noqa: E731
     for _ in range(steps):
-        gradient, (value, _) = objective.gradient_and_value(phi)
-        trace.append(value)
-        norm = tree.norm(gradient)
-        done, move = _step_mask(norm, done, tol)
+        gradient, value, norm, done, move = observe(objective, phi, trace, done, tol)
         newton = conjugate_gradient(objective.newton_matrix(phi), tree.scale(gradient, -1.0),
                                     hf_cg_steps, smallest_residual=False)  # the search sets the length
         # Negative curvature on the very first CG step leaves no Newton direction: descend instead.
