@@ -65,7 +65,16 @@ def import_object(path: str):
 
 
 def section(settings: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix)}
+    """The keyword arguments recorded under `prefix`, nested again ("a.b": 1 -> {"a": {"b": 1}})."""
+    arguments = {}
+    for key, value in settings.items():
+        if key.startswith(prefix):
+            *parents, name = key[len(prefix):].split(".")
+            node = arguments
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[name] = value
+    return arguments
 
 
 def load_model(ckpt_path: str, solver_overrides: dict, test_inner_steps: Optional[int]):
@@ -99,9 +108,11 @@ def training_data(settings: dict):
 
 def read_inputs(model: IMAML, settings: dict, support: str, query: List[str]):
     """(SupportSet, query Dataset, query names) read as the checkpoint's training data was."""
-    if not model.classification:
-        net = model.net
-        inputs = next(m for m in net.modules() if isinstance(m, torch.nn.Linear)).in_features
+    if not model.classification:  # rows of numbers: as many inputs as the first layer takes
+        layers = [m for m in model.net.modules() if isinstance(m, torch.nn.Linear)]
+        require(bool(layers), "ckpt_path", settings["model.net.class_path"],
+                "predict reads regression inputs for networks that start with nn.Linear")
+        inputs = layers[0].in_features
         points = read_numbers(Path(support), "support", inputs + model.hparams.out_features)
         require(len(query) == 1, "query", query, "must be one CSV file of input rows")
         queries = read_numbers(Path(query[0]), "query", inputs)
