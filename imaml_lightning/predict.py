@@ -29,7 +29,7 @@ from imaml_lightning.data.prediction import (
 from imaml_lightning.errors import SettingError, require, summarize_parse_error
 from imaml_lightning.export import save_adapted_network
 from imaml_lightning.module import IMAML
-from imaml_lightning.run_settings import upgrade
+from imaml_lightning.run_settings import forward_error, upgrade
 from imaml_lightning.solver import SolverConfig
 
 NOT_MODEL_ARGUMENTS = ("_instantiator", "_class_path")
@@ -132,15 +132,10 @@ def read_inputs(model: IMAML, settings: dict, support: str, query: List[str]):
 
 
 def check_network_takes(model: IMAML, x: torch.Tensor) -> None:
-    try:
-        with torch.no_grad():
-            model.net(x[:2])
-    except RuntimeError as error:
-        if "out of memory" in str(error):
-            raise
+    error = forward_error(model.net, x[:2])
+    if error:
         raise SettingError(f"support is invalid: its images are {list(x.shape[1:])} after "
-                           f"preprocessing, which the checkpoint's network does not take "
-                           f"({str(error).splitlines()[0]})") from None
+                           f"preprocessing, which the checkpoint's network does not take ({error})")
 
 
 def check_writable(setting: str, path: Optional[str]) -> None:

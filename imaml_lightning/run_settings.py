@@ -83,25 +83,32 @@ def check_network_fits_data(pl_module, datamodule) -> None:
     sampler = getattr(datamodule, "sampler", None)
     if sampler is None:
         return
-    net = pl_module.net
     x = sampler("val", torch.Generator().manual_seed(0))[0]
-    weight = next(net.parameters())
+    weight = next(pl_module.net.parameters())
     x = x.to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
+    error = forward_error(pl_module.net, x)
+    if error:
+        raise SettingError(
+            f"model.net is invalid for this data: its inputs are {list(x.shape[1:])} ({error}); "
+            f"make model.net.init_args (in_channels, image_size, in_features) match the data "
+            f"(data.channels, data.image_size)")
+
+
+def forward_error(net, x: torch.Tensor) -> Optional[str]:
+    """torch's first error line when `net` cannot take `x` (shapes, dtypes), else None; out of
+    memory is no input error and surfaces as it is."""
     training = net.training
     try:
         net.eval()  # a user's network may keep running statistics: leave them be
         with torch.no_grad():
             net(x)
-    except RuntimeError as error:  # torch's shape and dtype errors (out of memory surfaces)
+    except RuntimeError as error:
         if "out of memory" in str(error):
             raise
-        raise SettingError(
-            f"model.net is invalid for this data: its inputs are {list(x.shape[1:])} "
-            f"({str(error).splitlines()[0]}); make model.net.init_args (in_channels, "
-            f"image_size, in_features) match the data (data.channels, data.image_size)"
-        ) from None
+        return str(error).splitlines()[0]
     finally:
         net.train(training)
+    return None
 
 
 def check_checkpoint_fits(ckpt_path, state_dict: dict, settings: dict) -> None:
