@@ -12,16 +12,23 @@
    DataLoader workers while the main process is busy for an assumed step time (a sleep: the
    GPU works while the CPU idles). Batches travel as uint8; their conversion to float happens
    on the device (ImageClassificationDataModule.on_after_batch_transfer), inside the step.
+4. learn2learn's datasets (Learn2LearnDataModule): for the shape of each one's train split
+   (classes, images per class, image size), generated images, 5-way 1-shot with 15 queries:
+   episodes per second of learn2learn's Taskset.sample() and of ours on the same data, and our
+   fetch time of a meta-batch against a meta-step on that image size (conv-4, 32 filters).
 
 Usage: python -m benchmarks.data_pipeline [--omniglot-root ../shared/data/omniglot]
+       [--sections omniglot workers learn2learn]
 """
 import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
 from benchmarks.common import machine, markdown_table, median_seconds
 from imaml_lightning.data import OmniglotDataModule
@@ -75,10 +82,12 @@ def data_module(root: str, cache: str, ways: int, shots: int, queries: int, batc
     return dm
 
 
-def step_seconds(batch) -> float:
-    """One meta-step of the shipped solver settings on this meta-batch, with the Adam update."""
+def step_seconds(batch, net: Optional[torch.nn.Module] = None) -> float:
+    """One meta-step of the shipped solver settings on this meta-batch, with the Adam update
+    (default network: Omniglot's conv-4)."""
     torch.manual_seed(0)
-    net = ConvNet(batch[1].max().item() + 1)
+    if net is None:
+        net = ConvNet(batch[1].max().item() + 1)
     params = dict(net.named_parameters())
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     tasks = Task(*to_unit_range(batch))
@@ -140,7 +149,90 @@ def worker_rows(root: str, cache: str):
     return rows
 
 
-def main(root: str) -> None:
+# The train split of each of learn2learn's datasets: classes, images per class (mean), side.
+LEARN2LEARN_SHAPES = {
+    "tiered-imagenet": (351, 1278, 84), "cifarfs": (64, 600, 32), "fc100": (60, 600, 32),
+    "cub": (140, 59, 84), "aircraft": (70, 100, 84), "vgg-flowers": (71, 80, 84), "dtd": (33, 120, 84),
+}
+# Distinct generated images, which the classes index into: sampling costs the same as from
+# distinct images held in memory; from a cache larger than memory, a first touch of an image
+# also reads it from disk (benchmarks/memmap_rss.py times sampling from such a file).
+POOL = 2000
+
+
+def generated_split(classes: int, per_class: int, side: int):
+    """(LabeledImages, image index of every member) of one dataset's shape, from a pool."""
+    generator = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, 256, (POOL, 3, side, side), dtype=torch.uint8, generator=generator)
+    index = torch.randint(0, POOL, (classes * per_class,), generator=generator)
+    members = list(index.view(classes, per_class))
+    return LabeledImages(pool, members, [str(c) for c in range(classes)]), index
+
+
+def learn2learn_taskset(data: LabeledImages, index: torch.Tensor, ways: int, shots: int):
+    """learn2learn's Taskset over the same images, as its benchmarks build one."""
+    import learn2learn as l2l
+
+    per_class = len(data.members[0])
+    labels = torch.arange(len(data.members)).repeat_interleave(per_class).tolist()
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(index)
+
+        def __getitem__(self, i):
+            return data.images[index[i]], labels[i]
+
+    meta = l2l.data.MetaDataset(Images(), indices_to_labels=dict(enumerate(labels)))
+    taskset = l2l.data.Taskset(meta, num_tasks=-1, task_transforms=[
+        l2l.data.transforms.NWays(meta, ways), l2l.data.transforms.KShots(meta, shots),
+        l2l.data.transforms.LoadData(meta), l2l.data.transforms.RemapLabels(meta),
+        l2l.data.transforms.ConsecutiveLabels(meta)])
+    return lambda i: taskset.sample()
+
+
+def learn2learn_rows(batch: int = 4, ways: int = 5, shots: int = 1, queries: int = 15):
+    steps, rows = {}, []
+    for name, (classes, per_class, side) in LEARN2LEARN_SHAPES.items():
+        data, index = generated_split(classes, per_class, side)
+        tasks = ClassificationTasks(data, {"train": torch.arange(classes)}, ways, shots, queries)
+        ours = episodes_per_second(lambda i: tasks("train", task_generator(0, "train", i)))
+        theirs = episodes_per_second(learn2learn_taskset(data, index, ways, shots + queries))
+        drawn = iter(range(10**9))  # new tasks at every call
+        meta_batch = lambda: default_collate([tasks("train", task_generator(0, "train", next(drawn)))  # noqa: E731
+                                              for _ in range(batch)])
+        fetch = median_seconds(lambda: to_unit_range(meta_batch()), repeats=10, warmup=1)
+        if side not in steps:
+            steps[side] = step_seconds(meta_batch(), ConvNet(ways, in_channels=3, hidden=32,
+                                                             max_pool=True, image_size=side))
+        rows.append([name, f"{classes} x {per_class}, {side}x{side}", f"{theirs:.0f}", f"{ours:.0f}",
+                     f"{ours / theirs:.1f}x", f"{fetch * 1e3:.1f}", f"{steps[side]:.2f}",
+                     f"{100 * fetch / (fetch + steps[side]):.2f}%", "<= 2%"])
+    return rows
+
+
+def main(root: str, sections) -> None:
+    print(machine())
+    if "omniglot" in sections:
+        omniglot_tables(root)
+    if "workers" in sections:
+        with tempfile.TemporaryDirectory() as cache:
+            rows = worker_rows(root, cache)
+        print("\nData wait per meta-step for short (GPU-like) steps, with and without DataLoader "
+              "workers\n")
+        print(markdown_table(["task", "meta-batch", "step s", "workers", "wait ms",
+                              "data share of step", "target"], rows))
+    if "learn2learn" in sections:
+        print("\nlearn2learn's datasets, shapes of their train splits (generated images), 5-way "
+              "1-shot, 15 queries: episodes per second, and the data wait of a meta-batch of 4 "
+              "(in the main process) against a meta-step (lam 0.5, 10 GD steps, 5 CG steps, "
+              "conv-4 with 32 filters and max-pooling)\n")
+        print(markdown_table(["dataset", "classes x images, size", "learn2learn Taskset",
+                              "ours", "ours / learn2learn", "fetch ms", "step s",
+                              "data share of step", "target"], learn2learn_rows()))
+
+
+def omniglot_tables(root: str) -> None:
     sampler_rows, wait_rows = [], []
     with tempfile.TemporaryDirectory() as cache:
         for ways, shots, queries, batch in SETTINGS:
@@ -160,7 +252,6 @@ def main(root: str) -> None:
             step = step_seconds(next(loader))
             wait_rows.append([name, batch, f"{fetch * 1e3:.2f}", f"{step:.3f}",
                               f"{100 * fetch / (fetch + step):.2f}%", "<= 2%"])
-    print(machine())
     print("\nEpisodes per second of one sampler (train split of the paper split, one process)\n")
     print(markdown_table(["task", "learn2learn TaskDataset", "ours, rotations none",
                           "ours, rotations as classes", "ours / learn2learn"], sampler_rows))
@@ -168,15 +259,12 @@ def main(root: str) -> None:
           "meta-step (lam 0.5, 10 GD steps, 5 CG steps, conv-4 64 channels)\n")
     print(markdown_table(["task", "meta-batch", "fetch ms", "step s", "data share of step",
                           "target"], wait_rows))
-    with tempfile.TemporaryDirectory() as cache:
-        rows = worker_rows(root, cache)
-    print("\nData wait per meta-step for short (GPU-like) steps, with and without DataLoader "
-          "workers\n")
-    print(markdown_table(["task", "meta-batch", "step s", "workers", "wait ms",
-                          "data share of step", "target"], rows))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
-    main(parser.parse_args().omniglot_root)
+    parser.add_argument("--sections", nargs="+", default=["omniglot", "workers", "learn2learn"],
+                        choices=["omniglot", "workers", "learn2learn"])
+    args = parser.parse_args()
+    main(args.omniglot_root, args.sections)

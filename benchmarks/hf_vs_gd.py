@@ -9,7 +9,10 @@ benchmarks/implicit_gradient_quality.py caches: 300 meta-steps). Prints a table 
 seconds (results/hf_vs_gd.png): which solver lowers G more per second is what decides HF's worth
 at equal training time.
 
-Usage: python -m benchmarks.hf_vs_gd [--tasks 16] [--repeats 3]
+--ways 20 --checkpoint CKPT: 20-way 1-shot tasks, and the theta of a meta-training checkpoint
+(e.g. benchmarks.table2's 20w1s_imaml-gd/checkpoints/best-*.ckpt) in place of the cached one.
+
+Usage: python -m benchmarks.hf_vs_gd [--tasks 16] [--repeats 3] [--ways 5] [--checkpoint CKPT]
 """
 import argparse
 import statistics
@@ -50,11 +53,17 @@ def inner_loop(net, theta, tasks, solver: str, steps: int, repeats: int):
 
 def main(args) -> None:
     torch.manual_seed(0)
-    data = OmniglotDataModule(root=args.omniglot_root, ways=5, shots=1, queries=5, download=False)
+    data = OmniglotDataModule(root=args.omniglot_root, ways=args.ways, shots=1, queries=5,
+                              download=False)
     tasks = sample(data.make_sampler(), args.tasks, 11)
-    net = ConvNet(5)
+    net = ConvNet(args.ways)
     thetas = {"initialization": {k: v.detach() for k, v in net.named_parameters()}}
-    if THETA.is_file():
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        step = state["global_step"]
+        thetas[f"meta-trained ({step} steps)"] = {
+            k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
+    elif THETA.is_file() and args.ways == 5:
         thetas["meta-trained (300 steps)"] = torch.load(THETA)
     rows, curves = [], {}
     for name, theta in thetas.items():
@@ -67,7 +76,7 @@ def main(args) -> None:
                 points.append((seconds, value))
                 print(rows[-1], flush=True)
             curves[f"{solver}, {name}"] = points
-    print(f"\n{machine()}\nOmniglot 5-way 1-shot meta-training tasks: {args.tasks}, vmapped; "
+    print(f"\n{machine()}\nOmniglot {args.ways}-way 1-shot meta-training tasks: {args.tasks}, vmapped; "
           f"lam 0.5, Gauss-Newton curvature; GD step 0.3; HF 5 CG steps per direction\n")
     print(markdown_table(["theta", "inner solver", "steps", "seconds (all tasks)", "mean G after",
                           "mean ||grad G|| after", "mean rejected steps"], rows))
@@ -96,5 +105,10 @@ if __name__ == "__main__":
     parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/hf_vs_gd.png"))
-    main(parser.parse_args())
+    parser.add_argument("--ways", type=int, default=5, choices=[5, 20])
+    parser.add_argument("--checkpoint", help="a fit checkpoint whose theta to start from")
+    parser.add_argument("--out", help="default: benchmarks/results/hf_vs_gd[_20way].png")
+    args = parser.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks/results" /
+                               ("hf_vs_gd.png" if args.ways == 5 else f"hf_vs_gd_{args.ways}way.png"))
+    main(args)

@@ -142,12 +142,20 @@ def plot(cells: dict, path: Path) -> None:
 
 
 def main(args) -> None:
-    rows, cells = [], {}
     for setting in args.settings:
         minutes = args.minutes or SETTINGS[setting][1]
         for algorithm in args.algorithms:
+            run_cell(Path(args.out) / f"{setting}_{algorithm}",
+                     flags(setting, algorithm, args.omniglot_root, args.extra), minutes)
+    # The table and the plot hold every finished cell under --out, not only this invocation's,
+    # so running the settings one command at a time builds one table.
+    rows, cells = [], {}
+    for setting in SETTINGS:
+        for algorithm in ALGORITHMS:
             cell = Path(args.out) / f"{setting}_{algorithm}"
-            result = run_cell(cell, flags(setting, algorithm, args.omniglot_root, args.extra), minutes)
+            if not (cell / "result.json").is_file():
+                continue
+            result = json.loads((cell / "result.json").read_text())
             cells[f"{setting} {algorithm}"] = cell
             rejected = scalars(cell, "train/inner_rejected_steps")
             rows.append([setting, algorithm, f"{result['meta_steps']} (best {result['best_step']})",

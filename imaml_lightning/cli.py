@@ -16,6 +16,7 @@ from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.charts import TrainingCharts
 from imaml_lightning.checkpointing import RunCheckpoint
 from imaml_lightning.data import EpisodicDataModule
+from imaml_lightning.data.learn2learn_datasets import LEARN2LEARN_NAMES
 from imaml_lightning.errors import (
     SettingError, display_path, find_setting_error, require, summarize_parse_error,
 )
@@ -166,11 +167,13 @@ TRAINER_DEFAULTS = {
 }
 
 
-DATASETS = {  # --data.dataset NAME: a short name for LightningCLI's --data CLASS_PATH
-    "sinusoid": "imaml_lightning.data.SinusoidDataModule",
-    "omniglot": "imaml_lightning.data.OmniglotDataModule",
-    "miniimagenet": "imaml_lightning.data.MiniImageNetDataModule",
-    "folder": "imaml_lightning.data.FolderDataModule",
+DATASETS = {  # --data.dataset NAME: short for LightningCLI's --data CLASS_PATH (and its name)
+    "sinusoid": ["imaml_lightning.data.SinusoidDataModule"],
+    "omniglot": ["imaml_lightning.data.OmniglotDataModule"],
+    "miniimagenet": ["imaml_lightning.data.MiniImageNetDataModule"],
+    "folder": ["imaml_lightning.data.FolderDataModule"],
+    **{name: ["imaml_lightning.data.Learn2LearnDataModule", "--data.name", name]
+       for name in LEARN2LEARN_NAMES},
 }
 
 
@@ -183,7 +186,7 @@ def expand_dataset_names(args: list) -> list:
         if arg == "--data.dataset" or arg.startswith("--data.dataset="):
             name = arg.partition("=")[2] or (rest.pop(0) if rest else "")
             require(name in DATASETS, "data.dataset", name, f"must be one of {tuple(DATASETS)}")
-            expanded += ["--data", DATASETS[name]]
+            expanded += ["--data", *DATASETS[name]]
         else:
             expanded.append(arg)
     return expanded

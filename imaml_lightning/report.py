@@ -33,15 +33,16 @@ def read_results(run: Path) -> List[dict]:
 
 
 def markdown(runs: Dict[str, Path]) -> str:
-    lines = ["| run | metric | mean ± 95% CI | episodes | meta-steps | checkpoint |", "|---|---|---|---|---|---|"]
+    lines = ["| run | dataset | metric | mean ± 95% CI | episodes | meta-steps | checkpoint |",
+             "|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         for r in read_results(run):
             percent = r["metric"].endswith("/acc")
             scale, unit = (100, "%") if percent else (1, "")
-            lines.append(f"| {name} | {r['metric']} | {scale * r['mean']:.4g} ± {scale * r['ci95']:.2g}{unit} "
+            lines.append(f"| {name} | {r.get('dataset', '?')} | {r['metric']} | {scale * r['mean']:.4g} ± {scale * r['ci95']:.2g}{unit} "
                          f"| {r['episodes']} | {r['meta_steps']} | {r['checkpoint']} |")
     if len(lines) == 2:
-        lines.append("| (no *_result.json found: run `validate` or `test` first) | | | | | |")
+        lines.append("| (no *_result.json found: run `validate` or `test` first) | | | | | | |")
     return "\n".join(lines)
 
 

@@ -166,7 +166,7 @@ def test_report_draws_curves_and_tabulates_results(workdir):
     assert run.returncode == 0, run.stderr
     assert (workdir / "out/report.png").stat().st_size > 10_000
     table = (workdir / "out/report.md").read_text()
-    assert re.search(r"\| lightning_logs \| test/mse \| [0-9.]+ ± [0-9.]+ \| 30 \| 4 \|", table)
+    assert re.search(r"\| lightning_logs \| sinusoid \| test/mse \| [0-9.]+ ± [0-9.]+ \| 30 \| 4 \|", table)
     bad = subprocess.run([sys.executable, "-m", "imaml_lightning", "report", "nowhere"],
                          capture_output=True, text=True, cwd=workdir)
     assert bad.returncode != 0 and "runs=['nowhere'] is invalid" in bad.stderr

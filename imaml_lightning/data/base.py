@@ -52,6 +52,12 @@ class EpisodicDataModule(pl.LightningDataModule):
         """Size of the network output (classes per task, or regression targets)."""
         raise NotImplementedError
 
+    @property
+    def dataset_name(self) -> str:
+        """The data's name in `*_result.json` and `report` (a cross-domain test names the
+        dataset it ran on, not the one the checkpoint was trained on)."""
+        return type(self).__name__.removesuffix("DataModule").lower()
+
     def make_sampler(self) -> TaskSampler:
         raise NotImplementedError
 

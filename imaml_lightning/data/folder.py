@@ -153,6 +153,10 @@ class FolderDataModule(ImageClassificationDataModule):
                     f"in data.root; each split needs >= {MIN_CLASSES}")
         return splits
 
+    @property
+    def dataset_name(self) -> str:
+        return f"folder:{self.root.resolve().name}"
+
     def read_image_file(self, path: Path, setting: str) -> torch.Tensor:
         mode = "L" if self.channels == 1 else "RGB"
         return resize_square(pil_to_tensor(read_image(path, mode, setting)), self.image_size)

@@ -115,8 +115,15 @@ def fomaml_task_gradient(fn: TaskLoss, theta: Params, task: Task, config: Solver
 
 
 def reptile_task_gradient(fn: TaskLoss, theta: Params, task: Task, config: SolverConfig):
-    """theta - phi: Reptile's update direction, handed to the outer optimizer as a gradient."""
-    phi, diagnostics = adapt(fn, theta, task, config)
+    """theta - phi: Reptile's update direction, handed to the outer optimizer as a gradient.
+
+    Reptile has no query set in training: its inner loop fits all of a task's examples (Nichol et
+    al. 2018 train their 1-shot models on 10 shots per class). Adapting on the support set alone
+    leaves theta - phi to a single shot's gradients, which are mostly joint training on labels that
+    are shuffled per task. Evaluation adapts on the support set as for every algorithm."""
+    whole_task = Task(torch.cat([task.support_x, task.query_x]),
+                      torch.cat([task.support_y, task.query_y]), task.query_x, task.query_y)
+    phi, diagnostics = adapt(fn, theta, whole_task, config)
     query_loss, output = fn(phi, task.query_x, task.query_y)
     diagnostics.update(query_loss_after=query_loss, query_output_after=output)
     return tree.add(theta, phi, -1.0), diagnostics
