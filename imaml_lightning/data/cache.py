@@ -51,10 +51,15 @@ def cached(cache_dir: Path, prefix: str, key: str,
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
             pass  # absent (OSError), or damaged outside our writes: truncated, not a zip or pickle
         atomic_torch_save(build(), path)
-        for stale in cache_dir.glob(f"{glob.escape(prefix)}-*.pt"):
-            if stale != path:
-                stale.unlink(missing_ok=True)
+        remove_stale(cache_dir, f"{glob.escape(prefix)}-*.pt", keep=(path,))
     return torch.load(path, weights_only=True, mmap=True)
+
+
+def remove_stale(cache_dir: Path, pattern: str, keep: tuple) -> None:
+    """The caches of a prefix other than `keep`: built from files that have changed since."""
+    for stale in cache_dir.glob(pattern):
+        if stale not in keep:
+            stale.unlink(missing_ok=True)
 
 
 def cached_memmap(cache_dir: Path, prefix: str, key: str,
@@ -97,9 +102,7 @@ def cached_memmap(cache_dir: Path, prefix: str, key: str,
         finally:
             partial.unlink(missing_ok=True)
         atomic_torch_save(meta, meta_path)
-        for stale in cache_dir.glob(f"{glob.escape(prefix)}-*"):
-            if stale not in (images_path, meta_path):
-                stale.unlink(missing_ok=True)
+        remove_stale(cache_dir, f"{glob.escape(prefix)}-*", keep=(images_path, meta_path))
         return read_memmap(images_path, meta_path)
 
 

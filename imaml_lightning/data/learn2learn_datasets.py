@@ -195,7 +195,8 @@ class Learn2LearnDataModule(ImageClassificationDataModule):
         return self.to_tensor(read_image(path, "RGB", setting))
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        return resize_square(pil_to_tensor(image.convert("RGB")), self.image_size)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert copies even then
+        return resize_square(pil_to_tensor(rgb), self.image_size)
 
     def load(self) -> Tuple[LabeledImages, Dict[str, torch.Tensor]]:
         files = self.downloaded_files()
