@@ -114,7 +114,7 @@ def test_omniglot_fit_through_the_cli(workdir, omniglot_root, cache_dir):
 
 
 @pytest.mark.parametrize("algorithm, inner_solver, curvature", [
-    ("maml", "gd", "hessian"), ("reptile", "adam", "hessian"), ("imaml", "hf", "hessian"),
+    ("maml", "gd", "hessian"), ("reptile", "gd", "hessian"), ("imaml", "hf", "hessian"),
     ("imaml", "hf", "gauss_newton"), ("imaml", "gd", "gauss_newton")])
 def test_baselines_inner_solvers_and_curvatures_train_through_the_cli(
         workdir, algorithm, inner_solver, curvature):

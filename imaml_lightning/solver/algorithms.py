@@ -20,7 +20,7 @@ from torch.func import grad_and_value
 from imaml_lightning.solver import tree
 from imaml_lightning.solver.cg import CGResult, conjugate_gradient
 from imaml_lightning.solver.config import SolverConfig, Task
-from imaml_lightning.solver.inner import INNER_SOLVERS, gradient_descent
+from imaml_lightning.solver.inner import INNER_SOLVERS, gradient_descent, minibatch_gradient_descent
 from imaml_lightning.solver.objective import ProximalObjective, TaskLoss
 from imaml_lightning.solver.tree import Params
 
@@ -118,15 +118,16 @@ def reptile_task_gradient(fn: TaskLoss, theta: Params, task: Task, config: Solve
     """theta - phi: Reptile's update direction, handed to the outer optimizer as a gradient.
 
     Reptile has no query set in training: its inner loop fits all of a task's examples (Nichol et
-    al. 2018 train their 1-shot models on 10 shots per class). Adapting on the support set alone
-    leaves theta - phi to a single shot's gradients, which are mostly joint training on labels that
-    are shuffled per task. Evaluation adapts on the support set as for every algorithm."""
-    whole_task = Task(torch.cat([task.support_x, task.query_x]),
-                      torch.cat([task.support_y, task.query_y]), task.query_x, task.query_y)
-    phi, diagnostics = adapt(fn, theta, whole_task, config)
-    query_loss, output = fn(phi, task.query_x, task.query_y)
+    al. 2018 train their 1-shot models on 10 shots per class), in minibatches of
+    config.reptile_batch_size (minibatch_gradient_descent says why). Evaluation adapts on the
+    support set as for every algorithm."""
+    x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+    inner = minibatch_gradient_descent(fn, theta, x, y, config.inner_steps, config.inner_lr,
+                                       config.reptile_batch_size)
+    diagnostics = inner_diagnostics(inner)
+    query_loss, output = fn(inner.phi, task.query_x, task.query_y)
     diagnostics.update(query_loss_after=query_loss, query_output_after=output)
-    return tree.add(theta, phi, -1.0), diagnostics
+    return tree.add(theta, inner.phi, -1.0), diagnostics
 
 
 TASK_GRADIENTS = {"imaml": imaml_task_gradient, "maml": maml_task_gradient,

@@ -1,6 +1,6 @@
 """What the solver takes: a task, the settings of the meta-learning algorithm, and its result."""
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Optional
 
 import torch
 
@@ -40,6 +40,9 @@ class SolverConfig:
     """Iterations of the inner solver in training."""
     inner_lr: float = 0.1
     """Step size of gd and adam (hf searches from the full Newton step)."""
+    reptile_batch_size: Optional[int] = 10
+    """Reptile's training only: examples per inner step, every step on the next minibatch of the
+    task's examples (Nichol et al. use 10); null: all of them at every step."""
     hf_cg_steps: int = 5
     """CG iterations per Newton direction of hf."""
     inner_tol: float = 0.0
@@ -58,8 +61,12 @@ class SolverConfig:
                 f"must be one of {tuple(INNER_SOLVERS)}")
         require(self.algorithm != "maml" or self.inner_solver == "gd", "solver.inner_solver",
                 self.inner_solver, "MAML differentiates through gradient descent: use gd")
+        require(self.algorithm != "reptile" or self.inner_solver == "gd", "solver.inner_solver",
+                self.inner_solver, "Reptile's inner loop is minibatch gradient descent: use gd")
         require(self.inner_steps >= 0, "solver.inner_steps", self.inner_steps, "must be >= 0")
         require(self.inner_lr > 0, "solver.inner_lr", self.inner_lr, "must be > 0")
+        require(self.reptile_batch_size is None or self.reptile_batch_size >= 1,
+                "solver.reptile_batch_size", self.reptile_batch_size, "must be >= 1 or null")
         require(self.hf_cg_steps >= 1, "solver.hf_cg_steps", self.hf_cg_steps, "must be >= 1")
         require(self.inner_tol >= 0, "solver.inner_tol", self.inner_tol, "must be >= 0")
         require(self.cg_steps >= 1, "solver.cg_steps", self.cg_steps, "must be >= 1")

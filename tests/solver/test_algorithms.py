@@ -7,6 +7,7 @@ from torch.func import functional_call
 
 from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import INNER_SOLVERS, SolverConfig, Task, meta_gradient, mse_loss
+from imaml_lightning.solver.inner import classes_in_turn
 from imaml_lightning.solver.objective import ProximalObjective, TaskLoss
 from imaml_lightning.solver.reference import meta_gradient_loop
 from tests.solver.test_imaml import closed_form_meta_gradient, half_mse, omniglot_like_tasks, ridge_tasks
@@ -154,11 +155,29 @@ def test_fomaml_and_reptile_directions():
     phi = w0 - 0.1 * X.T @ (X @ w0 - y) / len(X)  # one plain gradient step on the support loss
     fomaml = meta_gradient(model, params, tasks, half_mse, SolverConfig(algorithm="fomaml", inner_steps=1))
     torch.testing.assert_close(fomaml.grads["weight"], (Xq.T @ (Xq @ phi - yq) / len(Xq)).T)
-    # Reptile's inner step fits the task's support and query examples together.
+    # Reptile's inner steps fit the task's support and query examples together, in minibatches
+    # taken in turn (wrapping round), or all of them at every step.
     X_all, y_all = torch.cat([X, Xq]), torch.cat([y, yq])
-    phi_all = w0 - 0.1 * X_all.T @ (X_all @ w0 - y_all) / len(X_all)
-    reptile = meta_gradient(model, params, tasks, half_mse, SolverConfig(algorithm="reptile", inner_steps=1))
-    torch.testing.assert_close(reptile.grads["weight"], (w0 - phi_all).T)
+    for batch_size, steps in [(None, 3), (4, 5), (7, 4)]:
+        phi_all = w0
+        for k in range(steps):
+            rows = torch.arange(k * (batch_size or len(X_all)), (k + 1) * (batch_size or len(X_all)))
+            Xb, yb = X_all[rows % len(X_all)], y_all[rows % len(X_all)]
+            phi_all = phi_all - 0.1 * Xb.T @ (Xb @ phi_all - yb) / len(Xb)
+        config = SolverConfig(algorithm="reptile", inner_steps=steps, reptile_batch_size=batch_size)
+        reptile = meta_gradient(model, params, tasks, half_mse, config)
+        torch.testing.assert_close(reptile.grads["weight"], (w0 - phi_all).T)
+
+
+def test_reptile_minibatches_hold_every_class_in_turn():
+    y = torch.tensor([2, 0, 1, 2, 2, 0, 0, 1, 1, 0])  # support then queries, as episodes come
+    order = classes_in_turn(y)
+    assert order.tolist() == [0, 1, 2, 3, 5, 7, 4, 6, 8, 9]
+    # Omniglot-shaped 5-way tasks, 1 support + 5 queries per class: minibatches of 10 hold 2 per class.
+    task = omniglot_like_tasks(queries=5)
+    labels = torch.cat([task.support_y[0], task.query_y[0]])
+    batches = labels[classes_in_turn(labels)][:len(labels) // 10 * 10].view(-1, 10)
+    assert all(torch.bincount(b, minlength=5).tolist() == [2] * 5 for b in batches)
 
 
 @pytest.mark.parametrize("algorithm", ["imaml", "maml", "fomaml", "reptile"])
@@ -186,7 +205,7 @@ def test_regression_loss_runs_under_every_algorithm():
     g = torch.Generator().manual_seed(0)
     tasks = Task(*(torch.randn(2, 5, 1, generator=g) for _ in range(4)))
     for algorithm in ("imaml", "maml", "fomaml", "reptile"):
-        for inner_solver in ("gd", "adam", "hf") if algorithm != "maml" else ("gd",):
+        for inner_solver in ("gd", "adam", "hf") if algorithm in ("imaml", "fomaml") else ("gd",):
             config = SolverConfig(algorithm=algorithm, inner_solver=inner_solver, inner_steps=2,
                                  inner_lr=0.01)
             result = meta_gradient(model, dict(model.named_parameters()), tasks, mse_loss, config)
@@ -196,6 +215,8 @@ def test_regression_loss_runs_under_every_algorithm():
 @pytest.mark.parametrize("kwargs, setting", [({"algorithm": "anil"}, "algorithm"),
                                              ({"inner_solver": "lbfgs"}, "inner_solver"),
                                              ({"algorithm": "maml", "inner_solver": "hf"}, "inner_solver"),
+                                             ({"algorithm": "reptile", "inner_solver": "adam"}, "inner_solver"),
+                                             ({"reptile_batch_size": 0}, "reptile_batch_size"),
                                              ({"hf_cg_steps": 0}, "hf_cg_steps")])
 def test_invalid_algorithm_settings(kwargs, setting):
     from imaml_lightning.errors import SettingError
