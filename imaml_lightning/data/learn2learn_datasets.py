@@ -229,8 +229,15 @@ class Learn2LearnDataModule(ImageClassificationDataModule):
         dataset, the split and the error (which names the file where learn2learn's does)."""
         try:
             return SOURCES[self.name].read(self.root, mode, self.download)
+        except ImportError as error:  # a reader's dependency (scipy for VGG Flowers), not the root
+            raise SettingError(
+                f"data.name={self.name!r} is invalid here: learn2learn needs the Python module "
+                f"{error.name!r} to read it, and it is not installed (pip install {error.name})"
+            ) from None
+        # A file of another format fails inside learn2learn's unpickling and indexing as any of
+        # these (TypeError and AttributeError included: an unpickled object of the wrong shape).
         except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-                ImportError, RuntimeError, pickle.UnpicklingError) as error:
+                RuntimeError, pickle.UnpicklingError) as error:
             first_line = str(error).strip().split("\n")[0]
             raise SettingError(
                 f"data.root={str(self.root)!r} is invalid: learn2learn could not read "

@@ -206,6 +206,20 @@ def test_a_file_in_an_unexpected_format_is_named(tmp_path, name, path):
     assert not list(cache.glob("*.u8")) and not list(cache.glob("*.pt"))
 
 
+def test_a_missing_reader_dependency_is_not_blamed_on_the_root(tmp_path, monkeypatch):
+    write_fake("vgg-flowers", tmp_path / "root")
+
+    def read_without_scipy(*_):
+        raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+
+    monkeypatch.setitem(SOURCES, "vgg-flowers", dataclasses.replace(SOURCES["vgg-flowers"], read=read_without_scipy))
+    dm = Learn2LearnDataModule(name="vgg-flowers", root=str(tmp_path / "root"), queries=2,
+                               download=False, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(SettingError, match=r"data\.name='vgg-flowers' is invalid here: "
+                                           r"learn2learn needs the Python module 'scipy'"):
+        dm.prepare_data()
+
+
 def test_a_cifarfs_copy_left_short_by_a_killed_run_is_caught(tmp_path):
     root, cache = tmp_path / "root", tmp_path / "cache"
     write_fake("cifarfs", root)
