@@ -22,7 +22,8 @@ from imaml_lightning.errors import (
 )
 from imaml_lightning.module import IMAML
 from imaml_lightning.result_file import ResultFile
-from imaml_lightning.run_settings import RunSettings, check_checkpoint_fits, settings_of, upgrade
+from imaml_lightning.run_settings import (
+    RunSettings, check_checkpoint_fits, recorded_network, settings_of, upgrade)
 
 
 class IMAMLCLI(LightningCLI):
@@ -78,12 +79,22 @@ class IMAMLCLI(LightningCLI):
         check_checkpoint_fits(ckpt_path, self.model.state_dict(), settings_of(self.config[subcommand]))
 
     def parse_arguments(self, parser, args) -> None:
+        """The model settings of a run given a checkpoint (its network included): the config
+        file's, then the checkpoint's over them, then the flags typed on the command line over
+        both. LightningCLI's own rule puts the checkpoint over everything, so `test --ckpt_path X
+        --model.batch_norm support` silently ran with the checkpoint's setting; and it applies
+        them after a first parse, which fails where the config file (for other data, say) does
+        not name the network."""
         self.command_line = list(sys.argv[1:] if args is None else args)
+        self.typed_ckpt_path = ckpt_path_argument(self.command_line)
+        settings = model_settings(check_checkpoint_file(self.typed_ckpt_path))
+        if settings:
+            config_files, flags = split_config_files(self.command_line)
+            args = [*config_files, "--model", json.dumps(settings), *flags]
         super().parse_arguments(parser, args)
-        # Before LightningCLI itself reads the checkpoint's hyperparameters (with torch.load).
         subcommand = self.config.get("subcommand")
-        if subcommand:
-            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+        if subcommand and self.config[subcommand].get("ckpt_path") != self.typed_ckpt_path:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))  # set in a config file
 
     def instantiate_classes(self) -> None:
         try:
@@ -95,20 +106,42 @@ class IMAMLCLI(LightningCLI):
             raise SettingError(f"model.{setting_error}") from None
 
     def _parse_ckpt_path(self) -> None:
-        """The model settings of a run given a checkpoint: the config file's, then the
-        checkpoint's over them, then the flags typed on the command line over both.
-        LightningCLI's own rule puts the checkpoint over everything, so `test --ckpt_path X
-        --model.batch_norm support` silently ran with the checkpoint's setting."""
+        """A ckpt_path set in a config file rather than typed: its model settings as in
+        parse_arguments (a typed one's are applied there)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or ckpt_path == self.typed_ckpt_path or not Path(ckpt_path).is_file():
             return
-        checkpoint = upgrade(torch.load(ckpt_path, map_location="cpu", weights_only=True))
-        hparams = checkpoint.get("hyper_parameters") or {}
-        settings = {k: v for k, v in hparams.items() if k not in NOT_MODEL_SETTINGS}
+        settings = model_settings(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True))
         config_files, flags = split_config_files(self.command_line)
         self.config = self.parser.parse_args(
             [*config_files, "--model", json.dumps(settings), *flags] if settings else self.command_line)
+
+
+def ckpt_path_argument(args: list) -> Optional[str]:
+    """The --ckpt_path typed on the command line (the last one), if any."""
+    found = None
+    for arg, following in zip(args, args[1:] + [None]):
+        if arg == "--ckpt_path" and following is not None:
+            found = following
+        elif arg.startswith("--ckpt_path="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def model_settings(checkpoint: Optional[dict]) -> dict:
+    """A checkpoint's model settings for --model: its module hyperparameters and its network
+    (no hyperparameter of the module: it is built from --model.net, and recorded in the run
+    settings)."""
+    if checkpoint is None:
+        return {}
+    checkpoint = upgrade(checkpoint)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    settings = {k: v for k, v in hparams.items() if k not in NOT_MODEL_SETTINGS}
+    network = recorded_network(checkpoint.get("run_settings") or {})
+    if network:
+        settings["net"] = network
+    return settings
 
 
 # In a checkpoint's hyperparameters, but no model settings: Lightning's bookkeeping, and the
@@ -135,11 +168,12 @@ def split_config_files(args: list) -> tuple:
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")  # resolved by Lightning itself
 
 
-def check_checkpoint_file(ckpt_path) -> None:
+def check_checkpoint_file(ckpt_path) -> Optional[dict]:
     """A --ckpt_path that does not exist, is not a checkpoint, or is not one of this program's:
-    one line naming it, instead of torch.load's or load_state_dict's traceback."""
+    one line naming it, instead of torch.load's or load_state_dict's traceback. Returns the
+    checkpoint (memory-mapped), or None for the names Lightning resolves itself."""
     if ckpt_path is None or ckpt_path in LIGHTNING_CHECKPOINT_NAMES or "://" in str(ckpt_path):
-        return
+        return None
     path = Path(ckpt_path)
     require(path.is_file(), "ckpt_path", str(ckpt_path), "no such file")
     try:
@@ -149,6 +183,7 @@ def check_checkpoint_file(ckpt_path) -> None:
                            f"torch.load can read ({str(error).splitlines()[0][:120]})") from None
     require(isinstance(checkpoint, dict) and "state_dict" in checkpoint and "global_step" in checkpoint,
             "ckpt_path", str(ckpt_path), "not a Lightning checkpoint of this program (no state_dict)")
+    return checkpoint
 
 
 TRAINER_DEFAULTS = {

@@ -29,7 +29,7 @@ from imaml_lightning.data.prediction import (
 from imaml_lightning.errors import SettingError, require, summarize_parse_error
 from imaml_lightning.export import save_adapted_network
 from imaml_lightning.module import IMAML
-from imaml_lightning.run_settings import forward_error, upgrade
+from imaml_lightning.run_settings import forward_error, section, upgrade
 from imaml_lightning.solver import SolverConfig
 
 NOT_MODEL_ARGUMENTS = ("_instantiator", "_class_path")
@@ -62,19 +62,6 @@ def build_parser() -> ArgumentParser:
 def import_object(path: str):
     module, _, name = path.rpartition(".")
     return getattr(import_module(module), name)
-
-
-def section(settings: dict, prefix: str) -> dict:
-    """The keyword arguments recorded under `prefix`, nested again ("a.b": 1 -> {"a": {"b": 1}})."""
-    arguments = {}
-    for key, value in settings.items():
-        if key.startswith(prefix):
-            *parents, name = key[len(prefix):].split(".")
-            node = arguments
-            for parent in parents:
-                node = node.setdefault(parent, {})
-            node[name] = value
-    return arguments
 
 
 def load_model(ckpt_path: str, solver_overrides: dict, test_inner_steps: Optional[int]):

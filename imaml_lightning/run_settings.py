@@ -134,3 +134,25 @@ def incompatibility(checkpoint: dict, state_dict: dict, settings: dict) -> Optio
     return (f"the checkpoint holds another network ({'; '.join(problems[:3])}); settings that "
             f"differ: {', '.join(differing) or 'unknown (not recorded)'}. Resume with the settings "
             f"it was trained with (config.yaml in its lightning_logs version folder)")
+
+
+def section(settings: dict, prefix: str) -> dict:
+    """The keyword arguments recorded under `prefix`, nested again ("a.b": 1 -> {"a": {"b": 1}})."""
+    arguments = {}
+    for key, value in settings.items():
+        if key.startswith(prefix):
+            *parents, name = key[len(prefix):].split(".")
+            node = arguments
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[name] = value
+    return arguments
+
+
+def recorded_network(settings: dict) -> Optional[dict]:
+    """The network a checkpoint was trained with ({"class_path", "init_args"}), from its
+    run_settings; None where they do not record it."""
+    if "model.net.class_path" not in settings:
+        return None
+    return {"class_path": settings["model.net.class_path"],
+            "init_args": section(settings, "model.net.init_args.")}

@@ -59,13 +59,16 @@ def test_test_reports_mean_and_confidence_interval(workdir, capsys, caplog):
 
 
 def test_a_checkpoint_settings_sit_between_the_config_file_and_the_flags(workdir):
-    """Config file < checkpoint < typed flags: a run trained with --model.solver.lam 2 tests with
-    lam 2 under the config file's 0.5, and a typed --model.batch_norm wins over the checkpoint."""
-    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2", "--model.solver.lam", "2"])
+    """Config file < checkpoint < typed flags: a run trained with --model.solver.lam 2 and a
+    smaller network tests with both under the config file's lam 0.5 and network, and a typed
+    --model.batch_norm wins over the checkpoint."""
+    main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "2", "--model.solver.lam", "2",
+          "--model.net.init_args.hidden", "[16, 8]"])
     main(["test", *FAST_SINUSOID, "--ckpt_path", "checkpoints/last.ckpt",
           "--model.batch_norm", "support", "--model.test_inner_steps", "3"])
     config = yaml.safe_load((workdir / "lightning_logs/version_1/config.yaml").read_text())
     assert config["model"]["solver"]["lam"] == 2.0  # the checkpoint's, not the config file's
+    assert config["model"]["net"]["init_args"]["hidden"] == [16, 8]
     assert config["model"]["batch_norm"] == "support" and config["model"]["test_inner_steps"] == 3
     result = json.loads((workdir / "lightning_logs/version_1/test_result.json").read_text())
     assert result["batch_norm"] == "support"

@@ -249,7 +249,8 @@ def test_an_unknown_name_lists_the_known_ones():
 
 
 def test_cross_domain_test_records_the_dataset(tmp_path, workdir):
-    """Meta-train on (fake) Mini-ImageNet, test on (fake) CUB with the cross-domain config."""
+    """Meta-train on (fake) Mini-ImageNet, test on (fake) CUB with the cross-domain config, which
+    takes the network (here 8 channels, not the Mini-ImageNet config's 32) from the checkpoint."""
     import subprocess
 
     from tests.data.test_miniimagenet import small_fake
@@ -266,8 +267,7 @@ def test_cross_domain_test_records_the_dataset(tmp_path, workdir):
     test = ["test", "--config", "configs/cross_domain_miniimagenet_to_cub.yaml",
             "--data.root", str(cub_root), "--data.cache_dir", str(cache), "--data.download", "false",
             "--data.ways", "2", "--data.queries", "2", "--data.test_episodes", "4",
-            "--data.eval_batch_size", "2", "--model.net.init_args.hidden", "8",
-            "--ckpt_path", "checkpoints/last.ckpt",
+            "--data.eval_batch_size", "2", "--ckpt_path", "checkpoints/last.ckpt",
             "--trainer.enable_progress_bar", "false"]
     run_cli(workdir, *test)
     (result,) = workdir.glob("lightning_logs/*/test_result.json")
