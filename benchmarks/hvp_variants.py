@@ -8,7 +8,9 @@ own parameters, conv-4 with BatchNorm), what each way of computing them costs in
 - HVP: forward-over-reverse (jvp of grad, shipped) eager and compiled; torch.func.linearize of
   the gradient and reverse-over-reverse (vjp of grad), both built once per point and reused by
   the CG products; BatchNorm as nn.BatchNorm2d and written in plain tensor ops;
-- both without vmap, on the conv-4 written by hand for a leading task dimension.
+- both without vmap, on the conv-4 written by hand for a leading task dimension;
+- gradient: vmap in chunks of tasks, convolutions as unfold + matmul (vmap turns per-task weights
+  into grouped convolutions, slow on CPU: pytorch/pytorch#70954), and oneDNN switched off.
 
 Each HVP is timed as 5 products at one point (as in CG) divided by 5, so reverse-over-reverse
 is credited with reusing its graph. Each result is compared with the shipped kernel's in
@@ -54,6 +56,35 @@ def with_plain_batch_norm(net: ConvNet) -> ConvNet:
     for block in plain.features:
         block[1] = PlainBatchNorm2d(block[1])
     return plain
+
+
+class UnfoldConv2d(nn.Conv2d):
+    """A convolution as im2col (F.unfold) and a matrix product: under vmap with per-task
+    weights that product becomes one batched matmul instead of vmap's grouped convolution."""
+
+    def forward(self, x):
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        columns = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
+        out = self.weight.flatten(1) @ columns + self.bias[:, None]
+        return out.view(len(x), -1, (x.shape[2] + 2 * ph - kh) // sh + 1,
+                        (x.shape[3] + 2 * pw - kw) // sw + 1)
+
+
+def with_unfold_convolutions(net: ConvNet) -> ConvNet:
+    unfolded = copy.deepcopy(net)
+    for block in unfolded.features:
+        conv = block[0]
+        block[0] = UnfoldConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                stride=conv.stride, padding=conv.padding)
+        block[0].load_state_dict(conv.state_dict())
+    return unfolded
+
+
+def without_onednn(fn):
+    def run(*args):
+        with torch.backends.mkldnn.flags(enabled=False):
+            return fn(*args)
+    return run
 
 
 def loss_of(net):
@@ -159,6 +190,12 @@ def main(repeats: int, use_compile: bool) -> None:
 
     fwd_rev, rev_rev = forward_over_reverse, reverse_over_reverse
     grad_rows = [("vmap(grad), eager (shipped)", gradients),
+                 ("vmap(grad), 8 tasks at a time (chunk_size)",
+                  vmap(grad(loss_of(net)), chunk_size=8)),
+                 ("vmap(grad), convolutions as unfold + batched matmul",
+                  vmap(grad(loss_of(with_unfold_convolutions(net))))),
+                 ("vmap(grad), oneDNN off (PyTorch's own grouped convolution)",
+                  without_onednn(gradients)),
                  ("task-batched conv-4 by hand, no vmap", task_batched_gradient)]
     hvp_rows = [("forward-over-reverse, eager (shipped)", fwd_rev(loss_of(net))),
                 ("forward-over-reverse, plain-ops BatchNorm", fwd_rev(loss_of(plain))),
