@@ -182,4 +182,6 @@ if __name__ == "__main__":
                         help="further flags for every run (e.g. --model.solver.lam 2)")
     parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/table2"))
-    main(parser.parse_args())
+    args = parser.parse_args()
+    args.out = str(Path(args.out).resolve())  # each run works in its cell: a relative --out would not resolve there
+    main(args)
