@@ -89,8 +89,7 @@ class IMAMLCLI(LightningCLI):
         self.typed_ckpt_path = ckpt_path_argument(self.command_line)
         settings = model_settings(check_checkpoint_file(self.typed_ckpt_path))
         if settings:
-            config_files, flags = split_config_files(self.command_line)
-            args = [*config_files, "--model", json.dumps(settings), *flags]
+            args = with_model_settings(self.command_line, settings)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path") != self.typed_ckpt_path:
@@ -113,9 +112,14 @@ class IMAMLCLI(LightningCLI):
         if not ckpt_path or ckpt_path == self.typed_ckpt_path or not Path(ckpt_path).is_file():
             return
         settings = model_settings(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True))
-        config_files, flags = split_config_files(self.command_line)
         self.config = self.parser.parse_args(
-            [*config_files, "--model", json.dumps(settings), *flags] if settings else self.command_line)
+            with_model_settings(self.command_line, settings) if settings else self.command_line)
+
+
+def with_model_settings(command_line: list, settings: dict) -> list:
+    """The command line with --model SETTINGS between its config files and its other flags."""
+    config_files, flags = split_config_files(command_line)
+    return [*config_files, "--model", json.dumps(settings), *flags]
 
 
 def ckpt_path_argument(args: list) -> Optional[str]:
