@@ -92,8 +92,9 @@ class IMAMLCLI(LightningCLI):
             args = with_model_settings(self.command_line, settings)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        self.config_file_checkpoint = None  # a ckpt_path set in a config file, read once
         if subcommand and self.config[subcommand].get("ckpt_path") != self.typed_ckpt_path:
-            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))  # set in a config file
+            self.config_file_checkpoint = check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
 
     def instantiate_classes(self) -> None:
         try:
@@ -107,13 +108,9 @@ class IMAMLCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """A ckpt_path set in a config file rather than typed: its model settings as in
         parse_arguments (a typed one's are applied there)."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path == self.typed_ckpt_path or not Path(ckpt_path).is_file():
-            return
-        settings = model_settings(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True))
-        self.config = self.parser.parse_args(
-            with_model_settings(self.command_line, settings) if settings else self.command_line)
+        settings = model_settings(self.config_file_checkpoint)
+        if settings:
+            self.config = self.parser.parse_args(with_model_settings(self.command_line, settings))
 
 
 def with_model_settings(command_line: list, settings: dict) -> list:

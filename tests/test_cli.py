@@ -73,6 +73,13 @@ def test_a_checkpoint_settings_sit_between_the_config_file_and_the_flags(workdir
     result = json.loads((workdir / "lightning_logs/version_1/test_result.json").read_text())
     assert result["batch_norm"] == "support"
 
+    # The same with ckpt_path set in a config file rather than typed.
+    (workdir / "from_checkpoint.yaml").write_text("ckpt_path: checkpoints/last.ckpt\n")
+    main(["test", *FAST_SINUSOID, "--config", "from_checkpoint.yaml"])
+    config = yaml.safe_load((workdir / "lightning_logs/version_2/config.yaml").read_text())
+    assert config["model"]["solver"]["lam"] == 2.0
+    assert config["model"]["net"]["init_args"]["hidden"] == [16, 8]
+
 
 def test_tensorboard_shows_training_internals_and_charts(workdir):
     main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "4", "--charts.every_n_steps", "2"])
