@@ -92,29 +92,30 @@ def run_cell(cell: Path, command: list, minutes: float) -> dict:
     planned = plan(cell, command, minutes)
     seconds = int(minutes * 60)
     resume = ["--ckpt_path", "last"] if list((cell / "checkpoints").glob("last*.ckpt")) else []
-    scores, wall = cli("fit", *command, "--trainer.max_steps", str(planned["max_steps"]),
+    _, wall = cli("fit", *command, "--trainer.max_steps", str(planned["max_steps"]),
                        "--trainer.val_check_interval", str(planned["val_check_interval"]),
                        "--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:"
                                              f"{seconds % 60:02d}", *resume, workdir=cell)
     (best,) = (cell / "checkpoints").glob("best-step*.ckpt")
     (test,), _ = cli("test", *command, "--ckpt_path", str(best), workdir=cell)
     result = {"command": "python -m imaml_lightning fit " + " ".join(command),
-              "meta_steps": max(int(m[5]) for m in scores), "best_step": int(test[5]),
-              "fit_minutes": round(fit_seconds(cell, wall) / 60, 1),
+              **fit_record(cell, wall), "best_step": int(test[5]),
               "test": f"{test[2]} ± {test[3]}", "step_seconds": planned["step_seconds"],
               "best_checkpoint": best.name}
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def fit_seconds(cell: Path, wall: float) -> float:
-    """The cell's whole fit time, resumed parts included: Lightning's timer, kept in last.ckpt
-    (`wall`, this invocation's, where the checkpoint has no timer)."""
+def fit_record(cell: Path, wall: float) -> dict:
+    """Meta-steps and minutes of the cell's whole fit, resumed parts included: last.ckpt's step
+    and Lightning's timer (`wall`, this invocation's, where the checkpoint has no timer)."""
     import torch
 
     (last,) = (cell / "checkpoints").glob("last*.ckpt")
-    timer = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["callbacks"].get("Timer")
-    return timer["time_elapsed"]["train"] if timer else wall
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    timer = checkpoint["callbacks"].get("Timer")
+    seconds = timer["time_elapsed"]["train"] if timer else wall
+    return {"meta_steps": checkpoint["global_step"], "fit_minutes": round(seconds / 60, 1)}
 
 
 def inner_steps(command: list) -> int:
@@ -156,18 +157,22 @@ def scalars(cell: Path, tag: str) -> list:
 
 
 def validation_curve(cell: Path) -> tuple:
-    """(minutes since the first logged step, val/acc in %) of a cell's run(s)."""
+    """(minutes of fit, val/acc in %) of a cell's run(s): a resumed part continues the minutes
+    where the part before it stopped logging."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    points = {}
-    for events in sorted((cell / "lightning_logs").rglob("events.out.tfevents.*")):
+    parts = []
+    for events in (cell / "lightning_logs").rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         tags = accumulator.Tags()["scalars"]
         if "val/acc" in tags and "train/step_seconds" in tags:
-            start = accumulator.Scalars("train/step_seconds")[0].wall_time
-            points.update({e.step: ((e.wall_time - start) / 60, 100 * e.value)
-                           for e in accumulator.Scalars("val/acc")})
+            steps = accumulator.Scalars("train/step_seconds")
+            parts.append((steps[0].wall_time, steps[-1].wall_time, accumulator.Scalars("val/acc")))
+    points, offset = {}, 0.0
+    for start, end, scores in sorted(parts, key=lambda part: part[0]):
+        points.update({e.step: (offset + (e.wall_time - start) / 60, 100 * e.value) for e in scores})
+        offset += (end - start) / 60
     return tuple(zip(*(points[s] for s in sorted(points)))) or ((), ())
 
 
