@@ -93,9 +93,9 @@ def run_cell(cell: Path, command: list, minutes: float) -> dict:
     seconds = int(minutes * 60)
     resume = ["--ckpt_path", "last"] if list((cell / "checkpoints").glob("last*.ckpt")) else []
     _, wall = cli("fit", *command, "--trainer.max_steps", str(planned["max_steps"]),
-                       "--trainer.val_check_interval", str(planned["val_check_interval"]),
-                       "--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:"
-                                             f"{seconds % 60:02d}", *resume, workdir=cell)
+                  "--trainer.val_check_interval", str(planned["val_check_interval"]),
+                  "--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:"
+                                        f"{seconds % 60:02d}", *resume, workdir=cell)
     (best,) = (cell / "checkpoints").glob("best-step*.ckpt")
     (test,), _ = cli("test", *command, "--ckpt_path", str(best), workdir=cell)
     result = {"command": "python -m imaml_lightning fit " + " ".join(command),
