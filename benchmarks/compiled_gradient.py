@@ -15,7 +15,7 @@ from torch.func import grad, vmap
 
 from benchmarks.common import machine, markdown_table, median_seconds, omniglot_shaped_tasks
 from benchmarks.hvp_variants import loss_of
-from benchmarks.solver_speed import K, META_BATCH, QUERIES, SHOTS, WAYS
+from benchmarks.solver_speed import K, META_BATCH, QUERIES, SHOTS, WAYS, perturbed
 from imaml_lightning.models import ConvNet
 
 
@@ -23,8 +23,7 @@ def main(rounds: int) -> None:
     torch.manual_seed(0)
     net = ConvNet(WAYS)
     tasks = omniglot_shaped_tasks(META_BATCH, WAYS, SHOTS, QUERIES)
-    phi = {k: v.detach().expand(META_BATCH, *v.shape) + 1e-2 * torch.randn(META_BATCH, *v.shape)
-           for k, v in net.named_parameters()}
+    phi = perturbed(dict(net.named_parameters()))
     arms = {"eager (shipped)": vmap(grad(loss_of(net))),
             "torch.compile": torch.compile(vmap(grad(loss_of(net))))}
     start = time.perf_counter()

@@ -22,8 +22,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from benchmarks.common import machine, markdown_table
 from benchmarks.omp_wait_policy import step_seconds
 from benchmarks.walking_skeleton import ROOT, cli
@@ -118,61 +116,63 @@ def fit_record(cell: Path, wall: float) -> dict:
     return {"meta_steps": checkpoint["global_step"], "fit_minutes": round(seconds / 60, 1)}
 
 
-def inner_steps(command: list) -> int:
-    """The inner steps a cell trains with: its own flag, else its config's."""
-    if "--model.solver.inner_steps" in command:
-        return int(command[command.index("--model.solver.inner_steps") + 1])
-    config = yaml.safe_load(Path(command[command.index("--config") + 1]).read_text())
-    return config["model"]["solver"]["inner_steps"]
+def trained_inner_steps(checkpoint: Path) -> int:
+    """The inner steps a checkpoint was trained with (its config's, or a flag's over it)."""
+    import torch
+
+    from imaml_lightning.run_settings import upgrade
+
+    loaded = upgrade(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True))
+    return loaded["hyper_parameters"]["solver"]["inner_steps"]
 
 
 def evaluate_longer_adaptation(cell: Path, command: list, result: dict) -> dict:
     """The best checkpoint with the training's inner steps and with EVALUATION_STEPS times as
     many: validation with both (which to prefer is decided there), test with the longer (the
     other test is result["test"]). Kept in result.json, so a finished cell gains them once."""
-    steps = inner_steps(command)
+    if "test_longer" in result:
+        return result
+    best = cell / "checkpoints" / result["best_checkpoint"]
+    steps = trained_inner_steps(best)
     longer = EVALUATION_STEPS * steps
-    checkpoint = ["--ckpt_path", str(cell / "checkpoints" / result["best_checkpoint"])]
     for key, subcommand, n in (("val", "validate", steps), ("val_longer", "validate", longer),
                                ("test_longer", "test", longer)):
         if key not in result:
-            (score,), _ = cli(subcommand, *command, *checkpoint, "--model.test_inner_steps", str(n),
-                              workdir=cell)
+            (score,), _ = cli(subcommand, *command, "--ckpt_path", str(best),
+                              "--model.test_inner_steps", str(n), workdir=cell)
             result = {**result, key: f"{score[2]} ± {score[3]}", "longer_inner_steps": longer}
             (cell / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def scalars(cell: Path, tag: str) -> list:
-    """Every logged value of one TensorBoard scalar of a cell's run(s)."""
+def event_logs(cell: Path):
+    """(scalar tags, accumulator) of each TensorBoard events file of a cell's run(s), in the order
+    they were started (a resumed run's parts, and its validate/test runs, each have one)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    values = []
-    for events in sorted((cell / "lightning_logs").rglob("events.out.tfevents.*")):
+    for events in sorted((cell / "lightning_logs").rglob("events.out.tfevents.*"),
+                         key=lambda path: int(path.name.split(".")[3])):  # its creation time
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values += [e.value for e in accumulator.Scalars(tag)]
-    return values
+        yield accumulator.Tags()["scalars"], accumulator
+
+
+def scalars(cell: Path, tag: str) -> list:
+    """Every logged value of one TensorBoard scalar of a cell's run(s)."""
+    return [e.value for tags, log in event_logs(cell) if tag in tags for e in log.Scalars(tag)]
 
 
 def validation_curve(cell: Path) -> tuple:
     """(minutes of fit, val/acc in %) of a cell's run(s): a resumed part continues the minutes
     where the part before it stopped logging."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    parts = []
-    for events in (cell / "lightning_logs").rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        tags = accumulator.Tags()["scalars"]
-        if "val/acc" in tags and "train/step_seconds" in tags:
-            steps = accumulator.Scalars("train/step_seconds")
-            parts.append((steps[0].wall_time, steps[-1].wall_time, accumulator.Scalars("val/acc")))
     points, offset = {}, 0.0
-    for start, end, scores in sorted(parts, key=lambda part: part[0]):
-        points.update({e.step: (offset + (e.wall_time - start) / 60, 100 * e.value) for e in scores})
-        offset += (end - start) / 60
+    for tags, log in event_logs(cell):
+        if "val/acc" in tags and "train/step_seconds" in tags:
+            steps = log.Scalars("train/step_seconds")
+            start, end = steps[0].wall_time, steps[-1].wall_time
+            points.update({e.step: (offset + (e.wall_time - start) / 60, 100 * e.value)
+                           for e in log.Scalars("val/acc")})
+            offset += (end - start) / 60
     return tuple(zip(*(points[s] for s in sorted(points)))) or ((), ())
 
 
@@ -205,7 +205,7 @@ def plot(cells: dict, path: Path) -> None:
 
 def main(args) -> None:
     for setting in args.settings:
-        minutes = args.minutes or SETTINGS[setting][1]
+        minutes = args.minutes if args.minutes is not None else SETTINGS[setting][1]
         for algorithm in args.algorithms:
             cell, command = Path(args.out) / f"{setting}_{algorithm}", flags(
                 setting, algorithm, args.omniglot_root, args.extra)
@@ -236,9 +236,15 @@ def main(args) -> None:
     plot(cells, Path(args.out) / "table2.png")
 
 
+def positive_minutes(text: str) -> float:
+    if not (minutes := float(text)) > 0:
+        raise argparse.ArgumentTypeError(f"--minutes={text} is invalid: must be > 0")
+    return minutes
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--minutes", type=float, help="per cell (default: 20 for 5-way, 45 for 20-way)")
+    parser.add_argument("--minutes", type=positive_minutes, help="per cell (default: 20 for 5-way, 45 for 20-way)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],

@@ -70,13 +70,14 @@ class IMAMLCLI(LightningCLI):
 
     def check_checkpoint_fits(self, subcommand: str) -> None:
         """A checkpoint whose parameters this model cannot take: one line naming the settings
-        that differ, before Lightning's load_state_dict traceback."""
-        ckpt_path = self.config[subcommand].get("ckpt_path")
-        if ckpt_path == "last":
-            ckpt_path = self.last_checkpoint()
-        if ckpt_path is None or not Path(ckpt_path).is_file():
-            return
-        check_checkpoint_fits(ckpt_path, self.model.state_dict(), settings_of(self.config[subcommand]))
+        that differ, before Lightning's load_state_dict traceback. Uses the checkpoint that
+        parse_arguments read (`last` is found only now, in the trainer's checkpoint folder)."""
+        checkpoint, self.checkpoint = self.checkpoint, None  # not held through training
+        if self.config[subcommand].get("ckpt_path") == "last":
+            last = self.last_checkpoint()
+            checkpoint = last and torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        if checkpoint:
+            check_checkpoint_fits(checkpoint, self.model.state_dict(), settings_of(self.config[subcommand]))
 
     def parse_arguments(self, parser, args) -> None:
         """The model settings of a run given a checkpoint (its network included): the config
@@ -87,14 +88,17 @@ class IMAMLCLI(LightningCLI):
         not name the network."""
         self.command_line = list(sys.argv[1:] if args is None else args)
         self.typed_ckpt_path = ckpt_path_argument(self.command_line)
-        settings = model_settings(check_checkpoint_file(self.typed_ckpt_path))
+        # Every checkpoint file is read once, here: its settings, then check_checkpoint_fits.
+        self.checkpoint = check_checkpoint_file(self.typed_ckpt_path)
+        settings = model_settings(self.checkpoint)
         if settings:
             args = with_model_settings(self.command_line, settings)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        self.config_file_checkpoint = None  # a ckpt_path set in a config file, read once
+        self.config_file_checkpoint = None  # a ckpt_path set in a config file rather than typed
         if subcommand and self.config[subcommand].get("ckpt_path") != self.typed_ckpt_path:
             self.config_file_checkpoint = check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+            self.checkpoint = self.config_file_checkpoint
 
     def instantiate_classes(self) -> None:
         try:
@@ -108,7 +112,7 @@ class IMAMLCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """A ckpt_path set in a config file rather than typed: its model settings as in
         parse_arguments (a typed one's are applied there)."""
-        settings = model_settings(self.config_file_checkpoint)
+        settings, self.config_file_checkpoint = model_settings(self.config_file_checkpoint), None
         if settings:
             self.config = self.parser.parse_args(with_model_settings(self.command_line, settings))
 

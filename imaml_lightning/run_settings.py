@@ -111,9 +111,8 @@ def forward_error(net, x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def check_checkpoint_fits(ckpt_path, state_dict: dict, settings: dict) -> None:
-    checkpoint = upgrade(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True))
-    error = incompatibility(checkpoint, state_dict, settings)
+def check_checkpoint_fits(checkpoint: dict, state_dict: dict, settings: dict) -> None:
+    error = incompatibility(upgrade(checkpoint), state_dict, settings)
     if error:
         raise SettingError(f"ckpt_path is invalid: {error}")
 
