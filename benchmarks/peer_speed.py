@@ -7,7 +7,10 @@ script does (set_params -> learn_task(16) -> one proximal pull-back step -> quer
 utils.cg_solve with their matrix_evaluator -> mean -> outer_step_with_grad), without the
 diagnostics their script also computes (losses and accuracies before/after), which ours skips
 too (diagnose_before=False). Ours runs meta_gradient (vmap over the 32 tasks) with each
-curvature, then the surrogate loss's backward and Adam's step.
+curvature, then the surrogate loss's backward and Adam's step; `--compiled C ...` adds arms with
+the solver compiled by torch.compile for those curvatures (VectorizedMetaGradient(compile=True),
+what --model.compile_solver trains with), and their first call (the compilation: minutes where
+Inductor's cache, TORCHINDUCTOR_CACHE_DIR, is cold, about half a minute where it is warm).
 
 Both run on both networks: their conv-4 (make_conv_network: a ZeroPad2d before conv3, their
 init) and ours (imaml_lightning.models.ConvNet). Rounds alternate the arms; each cell is the
@@ -17,7 +20,8 @@ pixels, but the GD safeguard does). The two codes do not solve the same system (
 proximal term in the inner loop, CG on 2I + H/(lam + 10); ours: the paper's), so this times
 equal work, not equal results.
 
-Usage: python -m benchmarks.peer_speed [--rounds 7] [--peer ../shared/peers/imaml_dev]
+Usage: python -m benchmarks.peer_speed [--rounds 7] [--compiled gauss_newton hessian]
+       [--peer ../shared/peers/imaml_dev]
 """
 import argparse
 import copy
@@ -33,7 +37,7 @@ from benchmarks.common import machine, markdown_table
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.images import to_unit_range
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import CURVATURES, SolverConfig, Task, meta_gradient, surrogate_loss
+from imaml_lightning.solver import CURVATURES, SolverConfig, Task, VectorizedMetaGradient, surrogate_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 WAYS, SHOTS, QUERIES, META_BATCH, K, CG, LAM, INNER_LR, OUTER_LR = 5, 1, 1, 32, 16, 5, 2.0, 0.1, 1e-3
@@ -77,13 +81,14 @@ def peer_iteration(peer, net: torch.nn.Module, tasks: Task):
     return run
 
 
-def our_iteration(net: torch.nn.Module, tasks: Task, curvature: str):
+def our_iteration(net: torch.nn.Module, tasks: Task, curvature: str, compile: bool = False):
     params = dict(net.named_parameters())
     optimizer = torch.optim.Adam(net.parameters(), lr=OUTER_LR, eps=1e-3)
     config = SolverConfig(lam=LAM, inner_steps=K, inner_lr=INNER_LR, cg_steps=CG, curvature=curvature)
+    meta_gradient = VectorizedMetaGradient(net, F.cross_entropy, config, compile=compile)
 
     def run():
-        result = meta_gradient(net, params, tasks, F.cross_entropy, config, diagnose_before=False)
+        result = meta_gradient(params, tasks, diagnose_before=False)
         optimizer.zero_grad()
         surrogate_loss(params, result.grads).backward()
         optimizer.step()
@@ -91,17 +96,21 @@ def our_iteration(net: torch.nn.Module, tasks: Task, curvature: str):
     return run
 
 
-def time_alternating(arms: dict, rounds: int) -> dict:
-    """{arm: [seconds per round]}, the arms taking turns within every round, after a warm-up."""
-    for run in arms.values():
+def time_alternating(arms: dict, rounds: int):
+    """({arm: [seconds per round]}, {arm: seconds of its first call}), the arms taking turns
+    within every round, after a warm-up call each."""
+    first = {}
+    for name, run in arms.items():
+        start = time.perf_counter()
         run()
+        first[name] = time.perf_counter() - start
     times = {name: [] for name in arms}
     for _ in range(rounds):
         for name, run in arms.items():
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return times
+    return times, first
 
 
 def main(args) -> None:
@@ -123,7 +132,10 @@ def main(args) -> None:
         arms[("authors' code", name)] = peer_iteration((learner_model, utils), copy.deepcopy(net), tasks)
         for curvature in CURVATURES:
             arms[(f"ours, {curvature}", name)] = our_iteration(copy.deepcopy(net), tasks, curvature)
-    times = time_alternating(arms, args.rounds)
+        for curvature in args.compiled:
+            arms[(f"ours, {curvature}, compiled", name)] = our_iteration(
+                copy.deepcopy(net), tasks, curvature, compile=True)
+    times, first = time_alternating(arms, args.rounds)
 
     print(machine())
     print(f"reference meta-iteration: Omniglot {WAYS}-way {SHOTS}-shot, {QUERIES} query/class, "
@@ -134,14 +146,16 @@ def main(args) -> None:
         median = statistics.median(seconds)
         peer = statistics.median(times[("authors' code", network)])
         rows.append([code, network, f"{median:.3f}", f"{min(seconds):.3f}-{max(seconds):.3f}",
-                     f"{peer / median:.2f}x"])
-    print(markdown_table(["code", "network", "seconds (median)", "range", "speed-up over the authors'"],
-                         rows))
+                     f"{peer / median:.2f}x", f"{first[(code, network)]:.1f}"])
+    print(markdown_table(["code", "network", "seconds (median)", "range", "speed-up over the authors'",
+                          "first call (s)"], rows))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--compiled", nargs="*", default=[], choices=CURVATURES,
+                        help="curvatures to time also with the solver compiled (torch.compile)")
     parser.add_argument("--peer", default=str(ROOT.parent / "shared/peers/imaml_dev"))
     parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
     main(parser.parse_args())

@@ -11,9 +11,14 @@ images through the same network (one pass ~ 3 forwards: a backward costs about t
   through the kept activations, 2 forwards) + 1/3 to build the pullback once per solve;
 - "gauss_newton_fd": + 1 per product (J v: one plain forward) + 1/3 for the pullback.
 
-Usage: python -m benchmarks.solver_speed [--repeats 5]
+`--compiled C ...` adds a row per curvature C with the solver compiled by torch.compile
+(VectorizedMetaGradient(compile=True)); its first call, the compilation, is timed on its own.
+
+Usage: python -m benchmarks.solver_speed [--repeats 7] [--compiled gauss_newton]
 """
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +26,9 @@ from torch.func import grad, vmap
 
 from benchmarks.common import machine, markdown_table, median_seconds, omniglot_shaped_tasks
 from imaml_lightning.models import ConvNet
-from imaml_lightning.solver import CURVATURES, SolverConfig, meta_gradient, surrogate_loss, tree
+from imaml_lightning.solver import (
+    CURVATURES, SolverConfig, VectorizedMetaGradient, meta_gradient, surrogate_loss, tree,
+)
 from imaml_lightning.solver.objective import TaskLoss
 from imaml_lightning.solver.reference import meta_gradient_loop
 
@@ -35,7 +42,7 @@ def floor_passes(curvature: str) -> float:
     return K + 1 + 1 / 3 + CG * per_product + per_solve
 
 
-def main(repeats: int) -> None:
+def main(repeats: int, compiled: list) -> None:
     torch.manual_seed(0)
     net = ConvNet(WAYS)
     params = dict(net.named_parameters())
@@ -43,7 +50,7 @@ def main(repeats: int) -> None:
     tasks = omniglot_shaped_tasks(META_BATCH, WAYS, SHOTS, QUERIES)
 
     def meta_iteration(solve, curvature):
-        config = SolverConfig(lam=LAM, inner_steps=K, inner_lr=0.1, cg_steps=CG, curvature=curvature)
+        config = reference_config(curvature)
 
         def run():
             result = solve(net, params, tasks, F.cross_entropy, config)
@@ -59,31 +66,70 @@ def main(repeats: int) -> None:
         net.zero_grad()
         F.cross_entropy(net(support), labels).backward()
 
-    pass_time = median_seconds(forward_backward, repeats=20, warmup=3)
+    arms = {(c, False): meta_iteration(meta_gradient, c) for c in CURVATURES}
+    for curvature in compiled:
+        solve = VectorizedMetaGradient(net, F.cross_entropy, reference_config(curvature), compile=True)
+        start = time.perf_counter()
+        solve(params, tasks)
+        print(f"{curvature}, compiled: first call (compilation) {time.perf_counter() - start:.1f} s")
+        arms[(curvature, True)] = meta_iteration(compiled_solver(solve), curvature)
+    passes, iterations = alternating_rounds(forward_backward, arms, repeats)
+    pass_time = statistics.median(passes)
     grad_time = vectorized_gradient_seconds(net, params, tasks)
     print(machine())
     print(f"reference: Omniglot {WAYS}-way {SHOTS}-shot, {QUERIES} query/class, meta-batch "
-          f"{META_BATCH}, K={K} GD steps, {CG} CG steps, lambda={LAM}; one pass (batched "
-          f"forward+backward of the 160 support images) = {pass_time * 1000:.1f} ms; one vmapped "
-          f"support gradient, 32 tasks with their own parameters = {grad_time * 1000:.1f} ms "
+          f"{META_BATCH}, K={K} GD steps, {CG} CG steps, lambda={LAM}; {repeats} rounds, each "
+          f"timing a pass and every meta-iteration in turn; one pass (batched forward+backward of "
+          f"the 160 support images) = {pass_time * 1000:.1f} ms (median; "
+          f"{min(passes) * 1000:.1f}-{max(passes) * 1000:.1f}); one vmapped support gradient, 32 "
+          f"tasks with their own parameters = {grad_time * 1000:.1f} ms "
           f"({grad_time / pass_time:.2f} passes)\n")
     rows = []
-    for curvature in CURVATURES:
-        product = vectorized_product_seconds(net, params, tasks, curvature)
+    for (curvature, is_compiled), seconds in iterations.items():
         floor = floor_passes(curvature)
-        parts = (K + 1) * grad_time + CG * product
-        vectorized = median_seconds(meta_iteration(meta_gradient, curvature), repeats)
-        loop = median_seconds(meta_iteration(meta_gradient_loop, curvature), max(2, repeats // 2))
-        rows.append([curvature, f"{floor:.1f}", f"{floor * pass_time:.3f}",
-                     f"{product * 1000:.1f} ({product / pass_time:.2f})", f"{parts:.3f}",
-                     f"{loop:.3f}", f"**{vectorized:.3f}**",
-                     f"**{vectorized / (floor * pass_time):.2f}**", f"{vectorized / parts:.2f}",
-                     f"{loop / vectorized:.2f}x"])
+        to_floor = [t / (floor * p) for t, p in zip(seconds, passes)]  # each round's own pass
+        row = [curvature + (", compiled" if is_compiled else ""), f"{floor:.1f}",
+               f"{floor * pass_time:.3f}", f"**{statistics.median(seconds):.3f}** "
+               f"({min(seconds):.3f}-{max(seconds):.3f})",
+               f"**{statistics.median(to_floor):.2f}** ({min(to_floor):.2f}-{max(to_floor):.2f})"]
+        if not is_compiled:
+            product = vectorized_product_seconds(net, params, tasks, curvature)
+            parts = (K + 1) * grad_time + CG * product
+            loop = median_seconds(meta_iteration(meta_gradient_loop, curvature), max(2, repeats // 2))
+            row += [f"{product * 1000:.1f} ({product / pass_time:.2f})", f"{parts:.3f}",
+                    f"{statistics.median(seconds) / parts:.2f}", f"{loop:.3f}",
+                    f"{loop / statistics.median(seconds):.2f}x"]
+        rows.append(row)
     print(markdown_table(
-        ["curvature", "floor (passes)", "floor (s)", "one vmapped product, ms (passes)",
-         "sum of parts: (K+1) gradients + CG products (s)", "per-task loop (s)",
-         "vectorized meta-iteration (s)", "vectorized / floor", "vectorized / sum of parts",
-         "vmap speed-up"], rows))
+        ["curvature", "floor (passes)", "floor (s)", "vectorized meta-iteration (s), median (range)",
+         "vectorized / floor, median (range)", "one vmapped product, ms (passes)",
+         "sum of parts: (K+1) gradients + CG products (s)", "vectorized / sum of parts",
+         "per-task loop (s)", "vmap speed-up"], rows))
+
+
+def alternating_rounds(forward_backward, arms: dict, rounds: int):
+    """([pass seconds per round], {arm: [seconds per round]}): each round times a pass (median
+    of 5) and one call of every arm, in an order reversed every other round, so that the ratio
+    to the floor is taken within a round (the machine's speed drifts between rounds)."""
+    for run in [forward_backward, *arms.values()]:
+        run()
+    passes, times = [], {name: [] for name in arms}
+    for round_ in range(rounds):
+        passes.append(median_seconds(forward_backward, repeats=5, warmup=1))
+        for name in (list(arms) if round_ % 2 == 0 else list(arms)[::-1]):
+            start = time.perf_counter()
+            arms[name]()
+            times[name].append(time.perf_counter() - start)
+    return passes, times
+
+
+def reference_config(curvature: str) -> SolverConfig:
+    return SolverConfig(lam=LAM, inner_steps=K, inner_lr=0.1, cg_steps=CG, curvature=curvature)
+
+
+def compiled_solver(solve: VectorizedMetaGradient):
+    """meta_gradient's signature for a solver built (and compiled) with its settings."""
+    return lambda net, params, tasks, loss_fn, config: solve(params, tasks)
 
 
 def perturbed(params, seed: int = 0):
@@ -120,5 +166,8 @@ def vectorized_product_seconds(net, params, tasks, curvature: str) -> float:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    main(parser.parse_args().repeats)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds")
+    parser.add_argument("--compiled", nargs="*", default=[], choices=CURVATURES,
+                        help="curvatures to time also with the solver compiled (torch.compile)")
+    args = parser.parse_args()
+    main(args.repeats, args.compiled)

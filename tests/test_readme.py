@@ -1,4 +1,4 @@
-"""The README's settings table states the shipped Omniglot config's values."""
+"""The README: its settings table states the Omniglot config's values; its solver example runs."""
 import re
 from pathlib import Path
 
@@ -45,3 +45,30 @@ def test_the_settings_table_matches_the_omniglot_config():
     assert len(checked) >= 10, checked  # the table is still parsed
     wrong = {flag: pair for flag, pair in checked.items() if not same(*pair)}
     assert not wrong, f"README says / config has: {wrong}"
+
+
+def test_the_solver_example_runs():
+    """The README's "Using the solver without Lightning" code, with the tasks and optimizer it
+    assumes the reader has."""
+    import torch
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Using the solver without Lightning"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("\n```", start)]
+    images = lambda n: torch.rand(2, n, 1, 28, 28)  # noqa: E731
+    labels = torch.arange(5).expand(2, 5)
+    namespace = {"support_x": images(5), "support_y": labels, "query_x": images(5), "query_y": labels}
+    namespace["optimizer"] = _DeferredAdam()
+    exec(code, namespace)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in namespace["net"].parameters())
+    assert namespace["optimizer"].stepped
+
+
+class _DeferredAdam:
+    """The example's `optimizer`: it is made before the network in a real script."""
+    stepped = False
+
+    def step(self):
+        self.stepped = True
