@@ -44,8 +44,8 @@ class IMAML(pl.LightningModule):
             alone (predict always uses this).
         chunk_size: tasks vectorized together (None: the whole meta-batch).
         compile_solver: meta-train with the solver compiled by torch.compile: each meta-step
-            about 0.8x the time, after a first step that compiles for minutes (long runs only;
-            solver.VectorizedMetaGradient has the measurements). Evaluation stays eager.
+            0.6-0.8x the time, after a first step that compiles for minutes (runs of 20 minutes
+            or more; solver.VectorizedMetaGradient has the measurements). Evaluation stays eager.
     """
 
     def __init__(

@@ -22,9 +22,9 @@ class VectorizedMetaGradient:
     vmap runs as one pass over memory per operation: the solver's arithmetic on the parameter
     dicts (every task's copy of the network, 3.6 M numbers in the reference meta-batch) and
     BatchNorm's decomposition under vmap; the convolutions stay oneDNN's. Measured on a 2-core
-    CPU (benchmarks/peer_speed.py): the reference meta-iteration takes about 0.8x eager's time,
-    after a first call that compiles for minutes (the inner loop and CG are unrolled into one
-    graph), so it pays off in long runs only. Shapes are specialized (dynamic=False): a batch of
+    CPU: a meta-step takes 0.6-0.8x eager's time (benchmarks/compiled_training.py,
+    peer_speed.py), after a first call that compiles for minutes (the inner loop and CG are
+    unrolled into one graph; 30-40 s where Inductor's cache holds the kernels). Shapes are specialized (dynamic=False): a batch of
     another shape compiles again. Not every network traces: torch 2.14's Dynamo fails on the
     Gauss-Newton jvp through an MLP's first layer under vmap (the conv-4 compiles)."""
 
