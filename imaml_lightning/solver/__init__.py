@@ -23,6 +23,6 @@ from imaml_lightning.solver.algorithms import task_meta_gradient
 __all__ = [
     "ALGORITHMS", "BATCH_NORM_MODES", "CURVATURES", "INNER_SOLVERS", "CGResult", "MetaGradient",
     "SolverConfig", "Task", "VectorizedMetaGradient", "adapt_and_predict", "adapt_tasks",
-    "conjugate_gradient", "hessian_vector_product", "meta_gradient", "mse_loss", "predict", "surrogate_loss",
-    "task_meta_gradient",
+    "conjugate_gradient", "hessian_vector_product", "meta_gradient", "mse_loss", "predict",
+    "surrogate_loss", "task_meta_gradient",
 ]

@@ -24,9 +24,10 @@ class VectorizedMetaGradient:
     BatchNorm's decomposition under vmap; the convolutions stay oneDNN's. Measured on a 2-core
     CPU: a meta-step takes 0.6-0.8x eager's time (benchmarks/compiled_training.py,
     peer_speed.py), after a first call that compiles for minutes (the inner loop and CG are
-    unrolled into one graph; 30-40 s where Inductor's cache holds the kernels). Shapes are specialized (dynamic=False): a batch of
-    another shape compiles again. Not every network traces: torch 2.14's Dynamo fails on the
-    Gauss-Newton jvp through an MLP's first layer under vmap (the conv-4 compiles)."""
+    unrolled into one graph; 30-40 s where Inductor's cache holds the kernels). Shapes are
+    specialized (dynamic=False): a batch of another shape compiles again. Not every network
+    traces: torch 2.14's Dynamo fails on the Gauss-Newton jvp through an MLP's first layer
+    under vmap (the conv-4 compiles)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, config: SolverConfig,
                  chunk_size: Optional[int] = None, compile: bool = False):
