@@ -145,13 +145,14 @@ class IMAML(pl.LightningModule):
         try:
             return self.meta_gradient(params, tasks, diagnose_before)
         except torch._dynamo.exc.TorchDynamoException as error:
-            # e.g. torch 2.14 cannot trace jvp through nn.Linear with per-task weights under vmap
-            # when the layer's input carries no tangent (an MLP's first layer): the sinusoid's
-            # MLP does not compile, the conv-4 does.
+            # Dynamo cannot trace the network (torch 2.14 fails on jvp through nn.Linear with
+            # per-task weights under vmap when the layer's input carries no tangent: the
+            # sinusoid's MLP does not compile, the conv-4 does), or Inductor cannot build its
+            # kernels (it needs a C++ compiler).
             reason = str(error).strip().splitlines()[0]
-            raise SettingError(f"model.compile_solver=True is invalid for this network: "
-                               f"torch.compile cannot compile its solver ({reason}); train "
-                               f"with model.compile_solver false") from error
+            raise SettingError(f"model.compile_solver=True is invalid here: torch.compile "
+                               f"cannot compile the solver for this network and machine "
+                               f"({reason}); train with model.compile_solver false") from error
 
     def score_after_adaptation(self, result, query_y: torch.Tensor) -> torch.Tensor:
         """Meta-batch mean query accuracy (or loss) after adaptation: progress bar and logs."""

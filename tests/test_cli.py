@@ -171,7 +171,7 @@ def test_a_network_that_does_not_compile_is_one_clear_error(workdir):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *FAST_SINUSOID, "--trainer.max_steps", "1", "--model.compile_solver", "true"])
     message = str(exit_info.value.code)
-    assert "model.compile_solver=True is invalid for this network" in message
+    assert "model.compile_solver=True is invalid here: torch.compile cannot compile" in message
     assert "\n" not in message.strip()
 
 
