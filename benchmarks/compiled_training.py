@@ -11,29 +11,22 @@ Usage: python -m benchmarks.compiled_training [--steps 150] [--rounds 2] [--omni
 """
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks.common import machine, markdown_table
 from benchmarks.table2 import scalars
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.walking_skeleton import ROOT, cli
 
 
 def fit(root: str, steps: int, compiled: bool, out: Path) -> tuple:
     """(wall-clock seconds of the command, [train/step_seconds of the logged steps after 10])."""
-    command = [sys.executable, "-m", "imaml_lightning", "fit",
-               "--config", str(ROOT / "configs/omniglot_5way_1shot.yaml"), "--data.root", root,
-               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-               "--data.init_args.val_episodes", "20", "--trainer.log_every_n_steps", "5",
-               "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", str(out / "checkpoints"),
-               "--trainer.logger.init_args.save_dir", str(out), "--model.compile_solver", str(compiled).lower()]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
-    wall = time.perf_counter() - start
+    _, wall = cli("fit", "--config", str(ROOT / "configs/omniglot_5way_1shot.yaml"),
+                  "--data.root", root, "--trainer.max_steps", str(steps),
+                  "--trainer.val_check_interval", str(steps), "--data.init_args.val_episodes", "20",
+                  "--trainer.log_every_n_steps", "5", "--checkpoint.dirpath", str(out / "checkpoints"),
+                  "--trainer.logger.init_args.save_dir", str(out),
+                  "--model.compile_solver", str(compiled).lower(), workdir=ROOT)
     return wall, scalars(out, "train/step_seconds")[2:]
 
 
