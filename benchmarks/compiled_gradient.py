@@ -5,7 +5,13 @@ its variants one after another, and between two days eager and compiled swapped 
 this alternates the arms over rounds in one process and reports the median ratio and range.
 A third arm is an experiment: BatchNorm with its own vmap rule (benchmarks/batch_norm_rule.py),
 which runs the native kernel on task-channels where vmap decomposes it; its gradient is
-checked against nn.BatchNorm2d's in float64.
+checked against nn.BatchNorm2d's in float64. Two more arms bound what a per-task gradient costs
+here: the conv-4 written by hand for a leading task dimension, without vmap
+(hvp_variants.task_batched_loss: grouped convolutions and BatchNorm over task-channels, nothing
+moved between layers; its gradient checked against vmap's in float64), eager and compiled; and
+the unit of every floor in `benchmarks.solver_speed`, a dense pass: the same 160 images through
+one network (shared weights: ungrouped convolutions). "passes" divides each arm's time by the
+dense pass of the same round.
 
 Usage: python -m benchmarks.compiled_gradient [--rounds 9]
 """
@@ -18,7 +24,7 @@ from torch.func import grad, vmap
 
 from benchmarks.batch_norm_rule import with_batch_norm_rule
 from benchmarks.common import machine, markdown_table, median_seconds, omniglot_shaped_tasks
-from benchmarks.hvp_variants import loss_of, relative_error
+from benchmarks.hvp_variants import loss_of, relative_error, task_batched_gradient
 from benchmarks.solver_speed import K, META_BATCH, QUERIES, SHOTS, WAYS, perturbed
 from imaml_lightning.models import ConvNet
 
@@ -29,30 +35,43 @@ def main(rounds: int) -> None:
     tasks = omniglot_shaped_tasks(META_BATCH, WAYS, SHOTS, QUERIES)
     phi = perturbed(dict(net.named_parameters()))
     ruled = with_batch_norm_rule(net)
+    dense = grad(loss_of(net))
+    theta = {k: v.detach() for k, v in net.named_parameters()}
     arms = {"eager (shipped)": vmap(grad(loss_of(net))),
             "torch.compile": torch.compile(vmap(grad(loss_of(net)))),
-            "BatchNorm with its own vmap rule": vmap(grad(loss_of(ruled)))}
-    error = relative_difference(arms["eager (shipped)"], arms["BatchNorm with its own vmap rule"],
-                                phi, tasks)
-    start = time.perf_counter()
-    arms["torch.compile"](phi, tasks.support_x, tasks.support_y)
-    compile_seconds = time.perf_counter() - start
+            "BatchNorm with its own vmap rule": vmap(grad(loss_of(ruled))),
+            "task-batched conv-4 by hand, no vmap": task_batched_gradient,
+            "task-batched conv-4 by hand, torch.compile": torch.compile(task_batched_gradient),
+            # one network for the 160 images: a pass, the floors' unit
+            "dense pass (shared weights)": lambda _, x, y: dense(theta, x.flatten(0, 1), y.flatten())}
+    errors = {name: relative_difference(arms["eager (shipped)"], arms[name], phi, tasks)
+              for name in ("BatchNorm with its own vmap rule", "task-batched conv-4 by hand, no vmap")}
+    compile_seconds = {}
+    for name in ("torch.compile", "task-batched conv-4 by hand, torch.compile"):
+        start = time.perf_counter()
+        arms[name](phi, tasks.support_x, tasks.support_y)
+        compile_seconds[name] = time.perf_counter() - start
     times = {name: [] for name in arms}
     for round_ in range(rounds):
         for name in (list(arms) if round_ % 2 == 0 else list(arms)[::-1]):
             times[name].append(median_seconds(lambda: arms[name](phi, tasks.support_x, tasks.support_y)))
-    eager = times["eager (shipped)"]
+    eager, passes = times["eager (shipped)"], times["dense pass (shared weights)"]
+    first_calls = ", ".join(f"{name} {s:.1f} s" for name, s in compile_seconds.items())
+    differences = ", ".join(f"{name} {e:.1e}" for name, e in errors.items())
     print(f"{machine()}\n{META_BATCH} tasks, {WAYS}-way {SHOTS}-shot, {rounds} alternating rounds "
-          f"(median of 5 calls each); compile took {compile_seconds:.1f} s; the vmap rule's "
-          f"gradient differs from nn.BatchNorm2d's by {error:.1e} (relative, float64)\n")
+          f"(median of 5 calls each); first calls (compilation): {first_calls}; gradients' relative "
+          f"difference to the shipped one (float64): {differences}\n")
     rows = []
     for name, t in times.items():
         ratios = [a / e for a, e in zip(t, eager)]
+        in_passes = [a / p for a, p in zip(t, passes)]  # within each round
         saved = (1 - statistics.median(ratios)) * (K + 1) * statistics.median(eager)
         rows.append([name, f"{1e3 * statistics.median(t):.1f}", f"{1e3 * min(t):.1f}-{1e3 * max(t):.1f}",
                      f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})",
+                     f"{statistics.median(in_passes):.2f} ({min(in_passes):.2f}-{max(in_passes):.2f})",
                      f"{1e3 * saved:.0f}"])
     print(markdown_table(["gradient", "ms per call, median", "range", "/ eager, median (range)",
+                          "passes, median (range)",
                           f"ms saved over the {K + 1} gradients of a meta-iteration"], rows))
 
 

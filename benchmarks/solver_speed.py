@@ -13,6 +13,8 @@ images through the same network (one pass ~ 3 forwards: a backward costs about t
 
 `--compiled C ...` adds a row per curvature C with the solver compiled by torch.compile
 (VectorizedMetaGradient(compile=True)); its first call, the compilation, is timed on its own.
+Its sum of parts takes the gradient and the product each compiled alone: what the compiled
+solver would take with nothing between its kernels.
 
 Usage: python -m benchmarks.solver_speed [--repeats 7] [--compiled gauss_newton]
 """
@@ -76,6 +78,8 @@ def main(repeats: int, compiled: list) -> None:
     passes, iterations = alternating_rounds(forward_backward, arms, repeats)
     pass_time = statistics.median(passes)
     grad_time = vectorized_gradient_seconds(net, params, tasks)
+    compiled_grad_time = vectorized_gradient_seconds(net, params, tasks, compile=True) if compiled else None
+    dict_time = dict_pass_seconds(params)
     print(machine())
     print(f"reference: Omniglot {WAYS}-way {SHOTS}-shot, {QUERIES} query/class, meta-batch "
           f"{META_BATCH}, K={K} GD steps, {CG} CG steps, lambda={LAM}; {repeats} rounds, each "
@@ -83,7 +87,11 @@ def main(repeats: int, compiled: list) -> None:
           f"the 160 support images) = {pass_time * 1000:.1f} ms (median; "
           f"{min(passes) * 1000:.1f}-{max(passes) * 1000:.1f}); one vmapped support gradient, 32 "
           f"tasks with their own parameters = {grad_time * 1000:.1f} ms "
-          f"({grad_time / pass_time:.2f} passes)\n")
+          f"({grad_time / pass_time:.2f} passes); one pass over the meta-batch's parameter dicts "
+          f"(tree.add: every task's copy of the network read twice, written once; an inner step "
+          f"does at least one) = {dict_time * 1000:.1f} ms ({dict_time / pass_time:.2f} passes)"
+          + (f"; the vmapped gradient compiled alone = {compiled_grad_time * 1000:.1f} ms "
+             f"({compiled_grad_time / pass_time:.2f} passes)" if compiled else "") + "\n")
     rows = []
     for (curvature, is_compiled), seconds in iterations.items():
         floor = floor_passes(curvature)
@@ -92,18 +100,20 @@ def main(repeats: int, compiled: list) -> None:
                f"{floor * pass_time:.3f}", f"**{statistics.median(seconds):.3f}** "
                f"({min(seconds):.3f}-{max(seconds):.3f})",
                f"**{statistics.median(to_floor):.2f}** ({min(to_floor):.2f}-{max(to_floor):.2f})"]
+        gradient = compiled_grad_time if is_compiled else grad_time
+        product = vectorized_product_seconds(net, params, tasks, curvature, is_compiled)
+        parts = (K + 1) * gradient + CG * product
+        row += [f"{product * 1000:.1f} ({product / pass_time:.2f})", f"{parts:.3f}",
+                f"{parts / (floor * pass_time):.2f}", f"{statistics.median(seconds) / parts:.2f}"]
         if not is_compiled:
-            product = vectorized_product_seconds(net, params, tasks, curvature)
-            parts = (K + 1) * grad_time + CG * product
             loop = median_seconds(meta_iteration(meta_gradient_loop, curvature), max(2, repeats // 2))
-            row += [f"{product * 1000:.1f} ({product / pass_time:.2f})", f"{parts:.3f}",
-                    f"{statistics.median(seconds) / parts:.2f}", f"{loop:.3f}",
-                    f"{loop / statistics.median(seconds):.2f}x"]
+            row += [f"{loop:.3f}", f"{loop / statistics.median(seconds):.2f}x"]
         rows.append(row)
     print(markdown_table(
         ["curvature", "floor (passes)", "floor (s)", "vectorized meta-iteration (s), median (range)",
          "vectorized / floor, median (range)", "one vmapped product, ms (passes)",
-         "sum of parts: (K+1) gradients + CG products (s)", "vectorized / sum of parts",
+         "sum of parts: (K+1) gradients + CG products (s)", "sum of parts / floor",
+         "vectorized / sum of parts",
          "per-task loop (s)", "vmap speed-up"], rows))
 
 
@@ -139,15 +149,26 @@ def perturbed(params, seed: int = 0):
             for k, v in params.items()}
 
 
-def vectorized_gradient_seconds(net, params, tasks) -> float:
-    """Median seconds of one vmapped support-loss gradient over the meta-batch."""
+def vectorized_gradient_seconds(net, params, tasks, compile: bool = False) -> float:
+    """Median seconds of one vmapped support-loss gradient over the meta-batch (compile: under
+    torch.compile, timed after its compilation)."""
     fn = TaskLoss(net, F.cross_entropy)
-    gradients = vmap(grad(lambda p, x, y: fn(p, x, y)[0]))
+    gradients = compiled_if(compile, vmap(grad(lambda p, x, y: fn(p, x, y)[0])))
     phi = perturbed(params)
     return median_seconds(lambda: gradients(phi, tasks.support_x, tasks.support_y), 10, 2)
 
 
-def vectorized_product_seconds(net, params, tasks, curvature: str) -> float:
+def compiled_if(compile: bool, fn):
+    return torch.compile(fn, dynamic=False) if compile else fn
+
+
+def dict_pass_seconds(params) -> float:
+    """Median seconds of one tree.add over per-task copies of the parameters (memory traffic)."""
+    phi, direction = perturbed(params, seed=0), perturbed(params, seed=1)
+    return median_seconds(lambda: tree.add(phi, direction, 0.1), 20, 2)
+
+
+def vectorized_product_seconds(net, params, tasks, curvature: str, compile: bool = False) -> float:
     """Median seconds per curvature product under vmap, timed as CG uses them: CG products at
     one point (a Gauss-Newton pullback is built once and shared by them), divided by CG."""
     fn = TaskLoss(net, F.cross_entropy)
@@ -159,7 +180,7 @@ def vectorized_product_seconds(net, params, tasks, curvature: str) -> float:
             v = tree.add(v, matvec(v), 1.0 / LAM)
         return v
 
-    run = vmap(products)
+    run = compiled_if(compile, vmap(products))
     phi = perturbed(params)
     return median_seconds(lambda: run(phi, tasks.support_x, tasks.support_y), 10, 2) / CG
 
