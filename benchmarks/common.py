@@ -23,6 +23,26 @@ def omniglot_shaped_tasks(tasks: int, ways: int, shots: int, queries: int, seed:
     return Task(images(ways * shots), labels(shots), images(ways * queries), labels(queries))
 
 
+def seconds_of_one_call(fn):
+    """A timer for alternating_rounds: () -> the seconds one call of fn takes."""
+    def timer() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return timer
+
+
+def alternating_rounds(timers: dict, rounds: int) -> dict:
+    """{name: [seconds per round]}: every timer (() -> seconds) once per round, in an order
+    reversed every other round, so that neither the machine's drift nor an arm's place in the
+    order favours an arm; ratios are best taken within a round."""
+    times = {name: [] for name in timers}
+    for round_ in range(rounds):
+        for name in (list(timers) if round_ % 2 == 0 else list(timers)[::-1]):
+            times[name].append(timers[name]())
+    return times
+
+
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()

@@ -18,12 +18,13 @@ Usage: python -m benchmarks.compiled_gradient [--rounds 9]
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch.func import grad, vmap
 
 from benchmarks.batch_norm_rule import with_batch_norm_rule
-from benchmarks.common import machine, markdown_table, median_seconds, omniglot_shaped_tasks
+from benchmarks.common import alternating_rounds, machine, markdown_table, median_seconds, omniglot_shaped_tasks
 from benchmarks.hvp_variants import loss_of, relative_error, task_batched_gradient
 from benchmarks.solver_speed import K, META_BATCH, QUERIES, SHOTS, WAYS, perturbed
 from imaml_lightning.models import ConvNet
@@ -51,10 +52,9 @@ def main(rounds: int) -> None:
         start = time.perf_counter()
         arms[name](phi, tasks.support_x, tasks.support_y)
         compile_seconds[name] = time.perf_counter() - start
-    times = {name: [] for name in arms}
-    for round_ in range(rounds):
-        for name in (list(arms) if round_ % 2 == 0 else list(arms)[::-1]):
-            times[name].append(median_seconds(lambda: arms[name](phi, tasks.support_x, tasks.support_y)))
+    times = alternating_rounds({name: partial(median_seconds, partial(gradient, phi, tasks.support_x,
+                                                                     tasks.support_y))
+                                for name, gradient in arms.items()}, rounds)
     eager, passes = times["eager (shipped)"], times["dense pass (shared weights)"]
     first_calls = ", ".join(f"{name} {s:.1f} s" for name, s in compile_seconds.items())
     differences = ", ".join(f"{name} {e:.1e}" for name, e in errors.items())

@@ -13,9 +13,9 @@ what --model.compile_solver trains with), and their first call (the compilation:
 Inductor's cache, TORCHINDUCTOR_CACHE_DIR, is cold, about half a minute where it is warm).
 
 Both run on both networks: their conv-4 (make_conv_network: a ZeroPad2d before conv3, their
-init) and ours (imaml_lightning.models.ConvNet). Rounds alternate the arms; each cell is the
-median over rounds with the range (min-max), and the speed-up is the authors' median over ours
-on the same network. The tasks are real Omniglot episodes (the compute does not depend on the
+init) and ours (imaml_lightning.models.ConvNet). Rounds alternate the arms (the order reversed
+every other round); each cell is the median over rounds with the range (min-max), and the
+speed-up is the authors' median over ours on the same network. The tasks are real Omniglot episodes (the compute does not depend on the
 pixels, but the GD safeguard does). The two codes do not solve the same system (theirs: no
 proximal term in the inner loop, CG on 2I + H/(lam + 10); ours: the paper's), so this times
 equal work, not equal results.
@@ -27,13 +27,12 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, markdown_table
+from benchmarks.common import alternating_rounds, machine, markdown_table, seconds_of_one_call
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.images import to_unit_range
 from imaml_lightning.models import ConvNet
@@ -96,23 +95,6 @@ def our_iteration(net: torch.nn.Module, tasks: Task, curvature: str, compile: bo
     return run
 
 
-def time_alternating(arms: dict, rounds: int):
-    """({arm: [seconds per round]}, {arm: seconds of its first call}), the arms taking turns
-    within every round, after a warm-up call each."""
-    first = {}
-    for name, run in arms.items():
-        start = time.perf_counter()
-        run()
-        first[name] = time.perf_counter() - start
-    times = {name: [] for name in arms}
-    for _ in range(rounds):
-        for name, run in arms.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times, first
-
-
 def main(args) -> None:
     peer_root = Path(args.peer)
     if not (peer_root / "implicit_maml" / "learner_model.py").is_file():
@@ -135,12 +117,13 @@ def main(args) -> None:
         for curvature in args.compiled:
             arms[(f"ours, {curvature}, compiled", name)] = our_iteration(
                 copy.deepcopy(net), tasks, curvature, compile=True)
-    times, first = time_alternating(arms, args.rounds)
+    first = {name: seconds_of_one_call(run)() for name, run in arms.items()}  # compiles, warms up
+    times = alternating_rounds({name: seconds_of_one_call(run) for name, run in arms.items()}, args.rounds)
 
     print(machine())
     print(f"reference meta-iteration: Omniglot {WAYS}-way {SHOTS}-shot, {QUERIES} query/class, "
           f"meta-batch {META_BATCH}, {K} GD steps of {INNER_LR}, {CG} CG steps, lambda={LAM}; "
-          f"{args.rounds} alternating rounds after one warm-up each\n")
+          f"{args.rounds} rounds after one warm-up each, the arms' order reversed every other round\n")
     rows = []
     for (code, network), seconds in times.items():
         median = statistics.median(seconds)

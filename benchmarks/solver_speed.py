@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from benchmarks.common import machine, markdown_table, median_seconds, omniglot_shaped_tasks
+from benchmarks.common import (
+    alternating_rounds, machine, markdown_table, median_seconds, omniglot_shaped_tasks,
+    seconds_of_one_call,
+)
 from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import (
     CURVATURES, SolverConfig, VectorizedMetaGradient, meta_gradient, surrogate_loss, tree,
@@ -75,7 +78,12 @@ def main(repeats: int, compiled: list) -> None:
         solve(params, tasks)
         print(f"{curvature}, compiled: first call (compilation) {time.perf_counter() - start:.1f} s")
         arms[(curvature, True)] = meta_iteration(compiled_solver(solve), curvature)
-    passes, iterations = alternating_rounds(forward_backward, arms, repeats)
+    for run in [forward_backward, *arms.values()]:  # warm-up
+        run()
+    iterations = alternating_rounds(
+        {"pass": lambda: median_seconds(forward_backward, repeats=5, warmup=1),
+         **{name: seconds_of_one_call(run) for name, run in arms.items()}}, repeats)
+    passes = iterations.pop("pass")  # each round's own, for the ratios to the floor
     pass_time = statistics.median(passes)
     grad_time = vectorized_gradient_seconds(net, params, tasks)
     compiled_grad_time = vectorized_gradient_seconds(net, params, tasks, compile=True) if compiled else None
@@ -115,22 +123,6 @@ def main(repeats: int, compiled: list) -> None:
          "sum of parts: (K+1) gradients + CG products (s)", "sum of parts / floor",
          "vectorized / sum of parts",
          "per-task loop (s)", "vmap speed-up"], rows))
-
-
-def alternating_rounds(forward_backward, arms: dict, rounds: int):
-    """([pass seconds per round], {arm: [seconds per round]}): each round times a pass (median
-    of 5) and one call of every arm, in an order reversed every other round, so that the ratio
-    to the floor is taken within a round (the machine's speed drifts between rounds)."""
-    for run in [forward_backward, *arms.values()]:
-        run()
-    passes, times = [], {name: [] for name in arms}
-    for round_ in range(rounds):
-        passes.append(median_seconds(forward_backward, repeats=5, warmup=1))
-        for name in (list(arms) if round_ % 2 == 0 else list(arms)[::-1]):
-            start = time.perf_counter()
-            arms[name]()
-            times[name].append(time.perf_counter() - start)
-    return passes, times
 
 
 def reference_config(curvature: str) -> SolverConfig:
