@@ -4,7 +4,9 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers import REPO, cli_command, cli_env, load, run_cli
+from tests.helpers import (
+    REPO, assert_compiled_trains_as_eager, cli_command, cli_env, load, run_cli, tiny_omniglot,
+)
 
 TINY_SINUSOID = [
     "--config", str(REPO / "configs/sinusoid.yaml"), "--data.init_args.meta_batch_size", "8",
@@ -39,6 +41,20 @@ def test_two_ddp_processes_train_like_one(tmp_path, algorithm):
         [v for k, v in c["callbacks"].items() if k.startswith("RunCheckpoint")] for c in (one, two))
     assert one_callback["best_model_score"].item() == pytest.approx(
         two_callback["best_model_score"].item(), rel=1e-5)
+
+
+def test_the_compiled_solver_trains_under_ddp_as_one_eager_process(tmp_path, omniglot_root, cache_dir):
+    """--model.compile_solver with two DDP processes: each compiles its own solver for its half of
+    the meta-batch, and the run's weights are the single eager process's (to float32 rounding)."""
+    tiny = [*tiny_omniglot(omniglot_root, cache_dir, meta_batch_size=4), "--trainer.max_steps", "2",
+            "--trainer.accelerator", "cpu"]
+    run_cli(tmp_path, "fit", *tiny, "--trainer.devices", "1", "--checkpoint.dirpath", "eager")
+    run_cli(tmp_path, "fit", *tiny, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--model.compile_solver", "true", "--checkpoint.dirpath", "compiled")
+    eager, compiled = (load(tmp_path / d / "last.ckpt") for d in ("eager", "compiled"))
+    assert eager["global_step"] == compiled["global_step"] == 2
+    assert compiled["hyper_parameters"]["compile_solver"]
+    assert_compiled_trains_as_eager(compiled, eager)
 
 
 def test_meta_batch_must_split_evenly_across_processes(tmp_path):
