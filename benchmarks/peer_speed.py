@@ -15,8 +15,8 @@ Inductor's cache, TORCHINDUCTOR_CACHE_DIR, is cold, about half a minute where it
 Both run on both networks: their conv-4 (make_conv_network: a ZeroPad2d before conv3, their
 init) and ours (imaml_lightning.models.ConvNet). Rounds alternate the arms (the order reversed
 every other round); each cell is the median over rounds with the range (min-max), and the
-speed-up is the authors' median over ours on the same network. The tasks are real Omniglot episodes (the compute does not depend on the
-pixels, but the GD safeguard does). The two codes do not solve the same system (theirs: no
+speed-up is the authors' median over ours on the same network. The tasks are real Omniglot
+episodes (the compute does not depend on the pixels, but the GD safeguard does). The two codes do not solve the same system (theirs: no
 proximal term in the inner loop, CG on 2I + H/(lam + 10); ours: the paper's), so this times
 equal work, not equal results.
 
