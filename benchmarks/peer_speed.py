@@ -117,8 +117,9 @@ def main(args) -> None:
         for curvature in args.compiled:
             arms[(f"ours, {curvature}, compiled", name)] = our_iteration(
                 copy.deepcopy(net), tasks, curvature, compile=True)
-    first = {name: seconds_of_one_call(run)() for name, run in arms.items()}  # compiles, warms up
-    times = alternating_rounds({name: seconds_of_one_call(run) for name, run in arms.items()}, args.rounds)
+    timers = {name: seconds_of_one_call(run) for name, run in arms.items()}
+    first = {name: timer() for name, timer in timers.items()}  # compiles, warms up
+    times = alternating_rounds(timers, args.rounds)
 
     print(machine())
     print(f"reference meta-iteration: Omniglot {WAYS}-way {SHOTS}-shot, {QUERIES} query/class, "

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from imaml_lightning.cli import main
-from tests.helpers import assert_compiled_trains_as_eager, tiny_omniglot
+from tests.helpers import assert_compiled_trains_as_eager, load, tiny_omniglot
 
 FAST_SINUSOID = [
     "--config", "configs/sinusoid.yaml",
@@ -147,13 +147,12 @@ def test_compiled_solver_trains_as_the_eager_one(workdir, omniglot_root, cache_d
     main(["fit", *tiny, "--trainer.max_steps", "2", "--checkpoint.dirpath", "eager"])
     main(["fit", *tiny, "--trainer.max_steps", "2", "--checkpoint.dirpath", "compiled",
           "--model.compile_solver", "true"])
-    eager, compiled = (torch.load(workdir / d / "last.ckpt", weights_only=False)
-                       for d in ("eager", "compiled"))
+    eager, compiled = (load(workdir / d / "last.ckpt") for d in ("eager", "compiled"))
     assert_compiled_trains_as_eager(compiled, eager)
     assert compiled["hyper_parameters"]["compile_solver"]
     main(["fit", *tiny, "--trainer.max_steps", "4", "--checkpoint.dirpath", "compiled",
           "--ckpt_path", "compiled/last.ckpt"])  # its settings, compile_solver among them
-    resumed = torch.load(workdir / "compiled/last.ckpt", weights_only=False)
+    resumed = load(workdir / "compiled/last.ckpt")
     assert resumed["global_step"] == 4 and resumed["hyper_parameters"]["compile_solver"]
 
 

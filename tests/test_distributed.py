@@ -43,7 +43,8 @@ def test_two_ddp_processes_train_like_one(tmp_path, algorithm):
         two_callback["best_model_score"].item(), rel=1e-5)
 
 
-def test_the_compiled_solver_trains_under_ddp_as_one_eager_process(tmp_path, omniglot_root, cache_dir):
+def test_the_compiled_solver_trains_under_ddp_as_one_eager_process(tmp_path, omniglot_root,
+                                                                    cache_dir):
     """--model.compile_solver with two DDP processes: each compiles its own solver for its half of
     the meta-batch, and the run's weights are the single eager process's (to float32 rounding)."""
     tiny = [*tiny_omniglot(omniglot_root, cache_dir, meta_batch_size=4), "--trainer.max_steps", "2",
