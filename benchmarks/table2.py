@@ -26,9 +26,10 @@ from benchmarks.common import machine, markdown_table
 from benchmarks.omp_wait_policy import step_seconds
 from benchmarks.walking_skeleton import ROOT, cli
 
-SETTINGS = {  # name: (config, default minutes)
+SETTINGS = {  # name: (config, default minutes; None: the config's max_steps, no time limit)
     "5w1s": ("omniglot_5way_1shot.yaml", 20), "5w5s": ("omniglot_5way_5shot.yaml", 20),
     "20w1s": ("omniglot_20way_1shot.yaml", 45), "20w5s": ("omniglot_20way_5shot.yaml", 45),
+    "5w1s-paper": ("omniglot_5way_1shot_paper.yaml", None),
 }
 ALGORITHMS = {
     "imaml-gd": ["--model.solver.algorithm", "imaml"],
@@ -65,10 +66,19 @@ def flags(setting: str, algorithm: str, root: str, extra: list) -> list:
             *ALGORITHMS[algorithm], "--seed_everything", "0", *extra]
 
 
-def plan(cell: Path, command: list, minutes: float) -> dict:
-    """The cell's meta-steps for its budget, measured once and kept (a resume reuses it)."""
+def plan(cell: Path, command: list, minutes: float, config: str) -> dict:
+    """The cell's meta-steps for its budget, measured once and kept (a resume reuses it). With
+    no budget (minutes None), the config's fixed max_steps, so the result does not depend on
+    how fast the machine was."""
     path = cell / "plan.json"
     if path.is_file():
+        return json.loads(path.read_text())
+    if minutes is None:
+        import yaml
+
+        trainer = yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"]
+        cell.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"minutes": None, **trainer}, indent=2) + "\n")
         return json.loads(path.read_text())
     with tempfile.TemporaryDirectory() as workdir:
         cli("fit", *command, "--trainer.max_steps", "30", "--trainer.val_check_interval", "30",
@@ -83,17 +93,20 @@ def plan(cell: Path, command: list, minutes: float) -> dict:
     return planned
 
 
-def run_cell(cell: Path, command: list, minutes: float) -> dict:
+def run_cell(cell: Path, command: list, minutes: float, config: str) -> dict:
     done = cell / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    planned = plan(cell, command, minutes)
-    seconds = int(minutes * 60)
+    planned = plan(cell, command, minutes, config)
     resume = ["--ckpt_path", "last"] if list((cell / "checkpoints").glob("last*.ckpt")) else []
+    budget = []
+    if minutes is not None:
+        seconds = int(minutes * 60)
+        budget = ["--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:"
+                                        f"{seconds % 60:02d}"]
     _, wall = cli("fit", *command, "--trainer.max_steps", str(planned["max_steps"]),
                   "--trainer.val_check_interval", str(planned["val_check_interval"]),
-                  "--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:"
-                                        f"{seconds % 60:02d}", *resume, workdir=cell)
+                  *budget, *resume, workdir=cell)
     (best,) = (cell / "checkpoints").glob("best-step*.ckpt")
     (test,), _ = cli("test", *command, "--ckpt_path", str(best), workdir=cell)
     result = {"command": "python -m imaml_lightning fit " + " ".join(command),
@@ -205,11 +218,12 @@ def plot(cells: dict, path: Path) -> None:
 
 def main(args) -> None:
     for setting in args.settings:
-        minutes = args.minutes if args.minutes is not None else SETTINGS[setting][1]
+        config, default_minutes = SETTINGS[setting]
+        minutes = args.minutes if args.minutes is not None else default_minutes
         for algorithm in args.algorithms:
             cell, command = Path(args.out) / f"{setting}_{algorithm}", flags(
                 setting, algorithm, args.omniglot_root, args.extra)
-            evaluate_longer_adaptation(cell, command, run_cell(cell, command, minutes))
+            evaluate_longer_adaptation(cell, command, run_cell(cell, command, minutes, config))
     # The table and the plot hold every finished cell under --out, not only this invocation's,
     # so running the settings one command at a time builds one table.
     rows, cells = [], {}
@@ -223,7 +237,7 @@ def main(args) -> None:
             rejected = scalars(cell, "train/inner_rejected_steps")
             rows.append([setting, algorithm, f"{result['meta_steps']} (best {result['best_step']})",
                          result["fit_minutes"], f"{statistics.mean(rejected):.3f}" if rejected else "-",
-                         *evaluation_columns(result), f"{PAPER[algorithm][setting]}%"])
+                         *evaluation_columns(result), f"{PAPER[algorithm][setting.split('-')[0]]}%"])
     report = (f"{machine()}\nOmniglot, conv-4, paper split, seed 0; test on the best checkpoint by "
               f"validation accuracy, 600 fixed episodes, mean ± 95% CI\n\n"
               + markdown_table(["setting", "algorithm", "meta-steps", "fit minutes",
