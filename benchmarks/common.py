@@ -1,7 +1,11 @@
-"""Shared pieces of the solver benchmarks: synthetic Omniglot-shaped tasks and a timer."""
+"""Shared pieces of the benchmarks and the studies: the repository's paths, the command line run
+as a user runs it, synthetic Omniglot-shaped tasks, timers, tables and plots."""
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -13,6 +17,46 @@ from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.solver import Task
 
 keep_freed_memory()  # as the command line does (see imaml_lightning/allocator.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+# The default places of the data and of the authors' code: beside this repository (every script
+# takes a flag for its own folder).
+OMNIGLOT_ROOT = str(ROOT.parent / "shared/data/omniglot")
+PEER_ROOT = str(ROOT.parent / "shared/peers/imaml_dev")
+# What the --quick forms add to a shipped Omniglot config: seconds per meta-step on any CPU (an
+# 8-channel conv-4, 2 inner and 2 CG steps, 2 tasks per meta-batch, few evaluation episodes).
+TINY_OMNIGLOT = ["--model.net.init_args.hidden", "8", "--model.solver.inner_steps", "2",
+                 "--model.solver.cg_steps", "2", "--data.init_args.meta_batch_size", "2",
+                 "--data.init_args.val_episodes", "4", "--data.init_args.test_episodes", "8"]
+QUICK_HELP = "CI-light: tiny sizes and one round, to check that the script runs (its numbers mean nothing)"
+SCORE = re.compile(r"(val|test)/(mse|acc) = ([0-9.]+) ± ([0-9.e-]+)(%?) \(95% CI\) after (\d+)")
+
+
+def cli(*args, workdir):
+    """Run one command of the command line as a user does, echoing it; returns (score line
+    matches, seconds)."""
+    command = [sys.executable, "-m", "imaml_lightning", *args,
+               "--trainer.enable_progress_bar", "false"]
+    print("$", " ".join(command), flush=True)
+    start = time.time()
+    run = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if run.returncode:
+        sys.exit(run.stdout[-3000:] + run.stderr[-3000:])
+    matches = SCORE.findall(run.stdout + run.stderr)
+    for m in matches:
+        print("   ", f"{m[0]}/{m[1]} = {m[2]} ± {m[3]}{m[4]} after {m[5]} steps", flush=True)
+    return matches, time.time() - start
+
+
+def step_seconds(logdir: Path) -> list:
+    """The train/step_seconds scalars of the one run logged under logdir, after its first 5 steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in logdir.rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return [e.value for e in accumulator.Scalars("train/step_seconds") if e.step >= 5]
 
 
 def omniglot_shaped_tasks(tasks: int, ways: int, shots: int, queries: int, seed: int = 0) -> Task:

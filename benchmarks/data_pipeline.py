@@ -1,4 +1,6 @@
-"""Does episode loading ever hold training back? On the real Omniglot:
+"""Whether episode loading holds training back: sampler speed, and data wait per meta-step.
+
+On the real Omniglot:
 
 1. Episodes per second of two samplers of the same N-way K-shot tasks: learn2learn's task
    machinery (MetaDataset + TaskDataset with NWays, KShots, LoadData, RemapLabels,
@@ -17,20 +19,22 @@
    episodes per second of learn2learn's Taskset.sample() and of ours on the same data, and our
    fetch time of a meta-batch against a meta-step on that image size (conv-4, 32 filters).
 
+The latest tables, with their date and machine: docs/benchmarks.md.
+
 Usage: python -m benchmarks.data_pipeline [--omniglot-root ../shared/data/omniglot]
        [--sections omniglot workers learn2learn]
+       python -m benchmarks.data_pipeline --quick   (one setting and one dataset, short samples)
 """
 import argparse
 import tempfile
 import time
-from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from benchmarks.common import machine, markdown_table, median_seconds
+from benchmarks.common import OMNIGLOT_ROOT, QUICK_HELP, machine, markdown_table, median_seconds
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.base import EpisodicDataModule
 from imaml_lightning.data.episodes import task_generator
@@ -38,9 +42,35 @@ from imaml_lightning.data.images import ClassificationTasks, LabeledImages, to_u
 from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import SolverConfig, Task, meta_gradient, surrogate_loss
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [(5, 1, 5, 8), (20, 5, 5, 8)]  # ways, shots, queries, meta-batch
 SHIPPED = SolverConfig(lam=0.5, inner_steps=10, inner_lr=0.3, cg_steps=5)  # configs/omniglot_5way_1shot.yaml
+# The train split of each of learn2learn's datasets: classes, images per class (mean), side.
+LEARN2LEARN_SHAPES = {
+    "tiered-imagenet": (351, 1278, 84), "cifarfs": (64, 600, 32), "fc100": (60, 600, 32),
+    "cub": (140, 59, 84), "aircraft": (70, 100, 84), "vgg-flowers": (71, 80, 84), "dtd": (33, 120, 84),
+}
+# Distinct generated images, which the classes index into: sampling costs the same as from
+# distinct images held in memory; from a cache larger than memory, a first touch of an image
+# also reads it from disk (benchmarks/studies/memmap_rss.py times sampling from such a file).
+POOL = 2000
+
+
+class Sizes(NamedTuple):
+    """How much of each section runs: all of it, or --quick's sample."""
+    sampling_seconds: float  # per sampler, for its episodes per second
+    omniglot_settings: list  # of SETTINGS
+    worker_steps: int  # timed steps + 5 of warm-up, per DataLoader
+    step_scale: float  # of the assumed step times of the workers section
+    synthetic_per_class: int  # images per class of the Mini-ImageNet-shaped data
+    learn2learn_datasets: list  # of LEARN2LEARN_SHAPES
+    learn2learn_batch: int  # tasks per meta-batch on learn2learn's datasets
+    solver: SolverConfig  # of the meta-steps
+    hidden: tuple  # channels of the conv-4 on Omniglot, and on learn2learn's datasets
+
+
+FULL = Sizes(3.0, SETTINGS, 40, 1.0, 100, list(LEARN2LEARN_SHAPES), 4, SHIPPED, (64, 32))
+QUICK = Sizes(0.2, SETTINGS[:1], 7, 0.1, 20, ["cifarfs"], 1,  # 20 images: a shot and 15 queries
+              SolverConfig(lam=0.5, inner_steps=2, inner_lr=0.3, cg_steps=2), (8, 8))
 
 
 def episodes_per_second(sample, seconds: float = 3.0) -> float:
@@ -82,18 +112,23 @@ def data_module(root: str, cache: str, ways: int, shots: int, queries: int, batc
     return dm
 
 
-def step_seconds(batch, net: Optional[torch.nn.Module] = None) -> float:
-    """One meta-step of the shipped solver settings on this meta-batch, with the Adam update
-    (default network: Omniglot's conv-4)."""
+def solver_text(sizes: Sizes) -> str:
+    solver = sizes.solver
+    return f"lam {solver.lam}, {solver.inner_steps} GD steps, {solver.cg_steps} CG steps"
+
+
+def step_seconds(batch, sizes: Sizes, net: Optional[torch.nn.Module] = None) -> float:
+    """One meta-step of the solver settings (the shipped ones but for --quick) on this
+    meta-batch, with the Adam update (default network: Omniglot's conv-4)."""
     torch.manual_seed(0)
     if net is None:
-        net = ConvNet(batch[1].max().item() + 1)
+        net = ConvNet(batch[1].max().item() + 1, hidden=sizes.hidden[0])
     params = dict(net.named_parameters())
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     tasks = Task(*to_unit_range(batch))
 
     def step():
-        result = meta_gradient(net, params, tasks, F.cross_entropy, SHIPPED, diagnose_before=False)
+        result = meta_gradient(net, params, tasks, F.cross_entropy, sizes.solver, diagnose_before=False)
         optimizer.zero_grad()
         surrogate_loss(params, result.grads).backward()
         optimizer.step()
@@ -133,31 +168,20 @@ def waits_with_workers(dm: EpisodicDataModule, workers: int, step: float, steps:
     return sum(waits[5:]) / len(waits[5:])
 
 
-def worker_rows(root: str, cache: str):
-    setups = [("Omniglot 5-way 1-shot, 5 queries", 8, 0.1,
+def worker_rows(root: str, cache: str, sizes: Sizes):
+    setups = [("Omniglot 5-way 1-shot, 5 queries", 8, 0.1 * sizes.step_scale,
                lambda: data_module(root, cache, 5, 1, 5, 8)),
-              ("Mini-ImageNet-shaped 5-way 1-shot, 15 queries", 32, 0.5,
-               lambda: SyntheticImages(5, 1, 15, meta_batch_size=32))]
+              ("Mini-ImageNet-shaped 5-way 1-shot, 15 queries", 32, 0.5 * sizes.step_scale,
+               lambda: SyntheticImages(5, 1, 15, per_class=sizes.synthetic_per_class, meta_batch_size=32))]
     rows = []
     for name, batch, step, make in setups:
         dm = make()
         dm.setup("fit")
         for workers in (0, 2):
-            wait = waits_with_workers(dm, workers, step)
+            wait = waits_with_workers(dm, workers, step, sizes.worker_steps)
             rows.append([name, batch, f"{step:.2f} (assumed)", workers, f"{wait * 1e3:.1f}",
                          f"{100 * wait / (wait + step):.2f}%", "<= 2%"])
     return rows
-
-
-# The train split of each of learn2learn's datasets: classes, images per class (mean), side.
-LEARN2LEARN_SHAPES = {
-    "tiered-imagenet": (351, 1278, 84), "cifarfs": (64, 600, 32), "fc100": (60, 600, 32),
-    "cub": (140, 59, 84), "aircraft": (70, 100, 84), "vgg-flowers": (71, 80, 84), "dtd": (33, 120, 84),
-}
-# Distinct generated images, which the classes index into: sampling costs the same as from
-# distinct images held in memory; from a cache larger than memory, a first touch of an image
-# also reads it from disk (benchmarks/memmap_rss.py times sampling from such a file).
-POOL = 2000
 
 
 def generated_split(classes: int, per_class: int, side: int):
@@ -191,80 +215,86 @@ def learn2learn_taskset(data: LabeledImages, index: torch.Tensor, ways: int, sho
     return lambda i: taskset.sample()
 
 
-def learn2learn_rows(batch: int = 4, ways: int = 5, shots: int = 1, queries: int = 15):
-    steps, rows = {}, []
-    for name, (classes, per_class, side) in LEARN2LEARN_SHAPES.items():
+def learn2learn_rows(sizes: Sizes, ways: int = 5, shots: int = 1, queries: int = 15):
+    steps, rows, batch = {}, [], sizes.learn2learn_batch
+    for name in sizes.learn2learn_datasets:
+        classes, per_class, side = LEARN2LEARN_SHAPES[name]
         data, index = generated_split(classes, per_class, side)
         tasks = ClassificationTasks(data, {"train": torch.arange(classes)}, ways, shots, queries)
-        ours = episodes_per_second(lambda i: tasks("train", task_generator(0, "train", i)))
-        theirs = episodes_per_second(learn2learn_taskset(data, index, ways, shots + queries))
+        ours = episodes_per_second(lambda i: tasks("train", task_generator(0, "train", i)),
+                                   sizes.sampling_seconds)
+        theirs = episodes_per_second(learn2learn_taskset(data, index, ways, shots + queries),
+                                     sizes.sampling_seconds)
         drawn = iter(range(10**9))  # new tasks at every call
         meta_batch = lambda: default_collate([tasks("train", task_generator(0, "train", next(drawn)))  # noqa: E731
                                               for _ in range(batch)])
         fetch = median_seconds(lambda: to_unit_range(meta_batch()), repeats=10, warmup=1)
         if side not in steps:
-            steps[side] = step_seconds(meta_batch(), ConvNet(ways, in_channels=3, hidden=32,
-                                                             max_pool=True, image_size=side))
+            net = ConvNet(ways, in_channels=3, hidden=sizes.hidden[1], max_pool=True, image_size=side)
+            steps[side] = step_seconds(meta_batch(), sizes, net)
         rows.append([name, f"{classes} x {per_class}, {side}x{side}", f"{theirs:.0f}", f"{ours:.0f}",
                      f"{ours / theirs:.1f}x", f"{fetch * 1e3:.1f}", f"{steps[side]:.2f}",
                      f"{100 * fetch / (fetch + steps[side]):.2f}%", "<= 2%"])
     return rows
 
 
-def main(root: str, sections) -> None:
+def main(root: str, sections, sizes: Sizes = FULL) -> None:
     print(machine())
-    if "omniglot" in sections:
-        omniglot_tables(root)
-    if "workers" in sections:
-        with tempfile.TemporaryDirectory() as cache:
-            rows = worker_rows(root, cache)
-        print("\nData wait per meta-step for short (GPU-like) steps, with and without DataLoader "
-              "workers\n")
-        print(markdown_table(["task", "meta-batch", "step s", "workers", "wait ms",
-                              "data share of step", "target"], rows))
+    with tempfile.TemporaryDirectory() as cache:  # Omniglot preprocessed once for both sections
+        if "omniglot" in sections:
+            omniglot_tables(root, cache, sizes)
+        if "workers" in sections:
+            rows = worker_rows(root, cache, sizes)
+            print("\nData wait per meta-step for short (GPU-like) steps, with and without "
+                  "DataLoader workers\n")
+            print(markdown_table(["task", "meta-batch", "step s", "workers", "wait ms",
+                                  "data share of step", "target"], rows))
     if "learn2learn" in sections:
         print("\nlearn2learn's datasets, shapes of their train splits (generated images), 5-way "
-              "1-shot, 15 queries: episodes per second, and the data wait of a meta-batch of 4 "
-              "(in the main process) against a meta-step (lam 0.5, 10 GD steps, 5 CG steps, "
-              "conv-4 with 32 filters and max-pooling)\n")
+              f"1-shot, 15 queries: episodes per second, and the data wait of a meta-batch of "
+              f"{sizes.learn2learn_batch} (in the main process) against a meta-step "
+              f"({solver_text(sizes)}, conv-4 with "
+              f"{sizes.hidden[1]} filters and max-pooling)\n")
         print(markdown_table(["dataset", "classes x images, size", "learn2learn Taskset",
                               "ours", "ours / learn2learn", "fetch ms", "step s",
-                              "data share of step", "target"], learn2learn_rows()))
+                              "data share of step", "target"], learn2learn_rows(sizes)))
 
 
-def omniglot_tables(root: str) -> None:
+def omniglot_tables(root: str, cache: str, sizes: Sizes) -> None:
     sampler_rows, wait_rows = [], []
-    with tempfile.TemporaryDirectory() as cache:
-        for ways, shots, queries, batch in SETTINGS:
-            name = f"{ways}-way {shots}-shot, {queries} queries"
-            dm = data_module(root, cache, ways, shots, queries, batch)
-            plain = data_module(root, cache, ways, shots, queries, batch, rotations="none")
-            ours = episodes_per_second(lambda i: dm.sampler("train", task_generator(0, "train", i)))
-            ours_plain = episodes_per_second(
-                lambda i: plain.sampler("train", task_generator(0, "train", i)))
-            theirs = episodes_per_second(learn2learn_sampler(plain, ways, shots, queries))
-            sampler_rows.append([name, f"{theirs:.0f}", f"{ours_plain:.0f}", f"{ours:.0f}",
-                                 f"{ours_plain / theirs:.1f}x"])
+    for ways, shots, queries, batch in sizes.omniglot_settings:
+        name = f"{ways}-way {shots}-shot, {queries} queries"
+        dm = data_module(root, cache, ways, shots, queries, batch)
+        plain = data_module(root, cache, ways, shots, queries, batch, rotations="none")
+        ours = episodes_per_second(lambda i: dm.sampler("train", task_generator(0, "train", i)),
+                                   sizes.sampling_seconds)
+        ours_plain = episodes_per_second(
+            lambda i: plain.sampler("train", task_generator(0, "train", i)), sizes.sampling_seconds)
+        theirs = episodes_per_second(learn2learn_sampler(plain, ways, shots, queries),
+                                     sizes.sampling_seconds)
+        sampler_rows.append([name, f"{theirs:.0f}", f"{ours_plain:.0f}", f"{ours:.0f}",
+                             f"{ours_plain / theirs:.1f}x"])
 
-            loader = iter(dm.train_dataloader())
-            # In-process, the uint8 -> float conversion is CPU work of the step's process too.
-            fetch = median_seconds(lambda: to_unit_range(next(loader)), repeats=30, warmup=2)
-            step = step_seconds(next(loader))
-            wait_rows.append([name, batch, f"{fetch * 1e3:.2f}", f"{step:.3f}",
-                              f"{100 * fetch / (fetch + step):.2f}%", "<= 2%"])
+        loader = iter(dm.train_dataloader())
+        # In-process, the uint8 -> float conversion is CPU work of the step's process too.
+        fetch = median_seconds(lambda: to_unit_range(next(loader)), repeats=30, warmup=2)
+        step = step_seconds(next(loader), sizes)
+        wait_rows.append([name, batch, f"{fetch * 1e3:.2f}", f"{step:.3f}",
+                          f"{100 * fetch / (fetch + step):.2f}%", "<= 2%"])
     print("\nEpisodes per second of one sampler (train split of the paper split, one process)\n")
     print(markdown_table(["task", "learn2learn TaskDataset", "ours, rotations none",
                           "ours, rotations as classes", "ours / learn2learn"], sampler_rows))
     print("\nData wait per meta-step: DataLoader in the main process (num_workers=0) vs the "
-          "meta-step (lam 0.5, 10 GD steps, 5 CG steps, conv-4 64 channels)\n")
+          f"meta-step ({solver_text(sizes)}, conv-4 {sizes.hidden[0]} channels)\n")
     print(markdown_table(["task", "meta-batch", "fetch ms", "step s", "data share of step",
                           "target"], wait_rows))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     parser.add_argument("--sections", nargs="+", default=["omniglot", "workers", "learn2learn"],
                         choices=["omniglot", "workers", "learn2learn"])
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = parser.parse_args()
-    main(args.omniglot_root, args.sections)
+    main(args.omniglot_root, args.sections, QUICK if args.quick else FULL)

@@ -1,23 +1,29 @@
-"""Benchmark 1 of the solver: peak memory of one meta-gradient against the number of inner
-steps K, for iMAML (implicit gradient: flat in K) and MAML (backpropagation through the unrolled
-loop: grows with K), on one Omniglot 20-way 5-shot task with the conv-4.
+"""Peak memory of one meta-gradient against the inner steps K, for iMAML and MAML.
+
+iMAML's implicit gradient should stay flat in K, MAML's backpropagation through the unrolled loop
+grow with it; on one Omniglot 20-way 5-shot task with the conv-4.
 
 Each measurement runs in a fresh process: peak resident memory (ru_maxrss) minus the resident
 memory just before the meta-gradient, so imports, the network and the data do not count (kernel
 workspaces created by the first call do, equally for every K). A process is capped at
---limit-gib of address space: a run that needs more is reported as out of memory.
-Usage: python -m benchmarks.solver_memory [--steps 5 25 100 200] [--plot benchmarks/results/memory.png]
+--limit-gib of address space: a run that needs more is reported as out of memory. The latest
+table, with its date and machine: docs/benchmarks.md.
+
+Usage: python -m benchmarks.solver_memory [--steps 5 25 100 200] [--plot benchmarks/results/solver_memory.png]
+       python -m benchmarks.solver_memory --quick   (K = 1 only, the plot in a temporary folder)
 """
 import argparse
 import json
 import resource
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, markdown_table, omniglot_shaped_tasks, save_line_plot
+from benchmarks.common import QUICK_HELP, machine, markdown_table, omniglot_shaped_tasks, save_line_plot
 from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import SolverConfig, meta_gradient
 
@@ -96,12 +102,19 @@ def main(steps, plot, limit_gib):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, nargs="+", default=[5, 25, 100, 200])
-    parser.add_argument("--plot", default="benchmarks/results/solver_memory.png")
+    parser.add_argument("--steps", type=int, nargs="+", help="default 5 25 100 200 (--quick: 1)")
+    parser.add_argument("--plot", help="default: benchmarks/results/solver_memory.png ('' for none; "
+                                       "--quick: a temporary folder)")
     parser.add_argument("--limit-gib", type=float, default=20.0)
     parser.add_argument("--one", nargs=2, metavar=("ALGORITHM", "STEPS"))
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
+    elif args.quick:
+        with tempfile.TemporaryDirectory() as folder:
+            main(args.steps or [1], Path(folder) / "solver_memory.png" if args.plot is None else args.plot,
+                 args.limit_gib)
     else:
-        main(args.steps, args.plot, args.limit_gib)
+        main(args.steps or [5, 25, 100, 200],
+             "benchmarks/results/solver_memory.png" if args.plot is None else args.plot, args.limit_gib)

@@ -9,12 +9,15 @@ train/step_seconds) and gets max_steps = 90% of the budget at that speed (valida
 rest); max_time stops it at M minutes all the same. Prints one Markdown table (the paper's number
 beside each cell; "rejected inner steps": the GD safeguard's undone steps or HF's failed line
 searches, per task, averaged over the logged meta-steps) and draws every run's validation
-accuracy against wall-clock minutes into one PNG. Each cell keeps its folder under --out: a finished cell is read back, a killed one resumes
-from its last.ckpt with the same plan (Lightning's timer carries the elapsed time), so rerunning
-the command continues a half-finished table.
+accuracy against wall-clock minutes into one PNG. Each cell keeps its folder under --out: a
+finished cell is read back, a killed one resumes from its last.ckpt with the same plan
+(Lightning's timer carries the elapsed time), so rerunning the command continues a half-finished
+table. The latest tables, with their date and machine: docs/benchmarks.md.
 
 Usage: python -m benchmarks.table2 [--minutes M] [--settings 5w1s 20w1s ...]
        [--algorithms imaml-gd imaml-hf maml fomaml reptile] [--out benchmarks/results/table2]
+       [--extra FLAG ...]
+       python -m benchmarks.table2 --quick   (one tiny cell for a few seconds, in a temporary folder)
 """
 import argparse
 import json
@@ -22,9 +25,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, markdown_table
-from benchmarks.omp_wait_policy import step_seconds
-from benchmarks.walking_skeleton import ROOT, cli
+from benchmarks.common import (
+    OMNIGLOT_ROOT, QUICK_HELP, ROOT, TINY_OMNIGLOT, cli, machine, markdown_table, step_seconds,
+)
 
 SETTINGS = {  # name: (config, default minutes; None: the config's max_steps, no time limit)
     "5w1s": ("omniglot_5way_1shot.yaml", 20), "5w5s": ("omniglot_5way_5shot.yaml", 20),
@@ -33,21 +36,22 @@ SETTINGS = {  # name: (config, default minutes; None: the config's max_steps, no
 }
 ALGORITHMS = {
     "imaml-gd": ["--model.solver.algorithm", "imaml"],
-    # 2 Newton steps: a Newton step (gradient, 5 Gauss-Newton products, 11 line-search trials)
-    # costs about 10 GD steps, and 2 reach about the inner objective of the config's 10 GD steps
-    # (benchmarks/hf_vs_gd.py); the config's 10 would leave HF a third of GD's meta-steps.
+    # 2 Newton steps: a Newton step (a gradient, CG's Gauss-Newton products, the line search's
+    # trials) costs several GD steps, and 2 reach about the inner objective of the config's GD
+    # steps (docs/studies/hf_vs_gd.md); the config's count would leave HF far fewer meta-steps.
     "imaml-hf": ["--model.solver.algorithm", "imaml", "--model.solver.inner_solver", "hf",
                  "--model.solver.inner_steps", "2"],
     "maml": ["--model.solver.algorithm", "maml"],
     "fomaml": ["--model.solver.algorithm", "fomaml"],
-    # Reptile's outer step: 0.005, not the config's 0.001 (val. accuracy after 150 meta-steps
-    # 70.0% at 0.001, 81.3% at 0.005, 79.4% at 0.02: benchmarks/results/table2/tuning.md).
+    # Reptile's outer step: 0.005, not the config's 0.001: the best validation accuracy of a
+    # short sweep (docs/benchmarks.md, from benchmarks/results/table2/tuning.md).
     "reptile": ["--model.solver.algorithm", "reptile", "--model.outer_lr", "0.005"],
 }
 # Evaluated again with twice the training's inner steps: the meta-gradient is the one at the
-# inner problem's minimizer, which 10 GD steps do not reach; on 20-way 1-shot iMAML-GD's best
-# checkpoint validation gained 4 points (tuning.md: 10 steps 88.38%, 20: 92.29%, 40: 92.53%). On
-# 5-way it can lose: validation decides per cell, and the table shows both tests.
+# inner problem's minimizer, which the training's GD steps do not reach; on 20-way 1-shot twice
+# the steps validated clearly better, four times hardly better than twice (docs/benchmarks.md,
+# from benchmarks/results/table2/tuning.md). On 5-way it can lose: validation decides per cell,
+# and the table shows both tests.
 EVALUATION_STEPS = 2
 PAPER = {  # Table 2 of Rajeswaran et al. (2019), accuracy % and 95% CI
     "maml": {"5w1s": "98.7 ± 0.4", "5w5s": "99.9 ± 0.1", "20w1s": "95.8 ± 0.3", "20w5s": "98.9 ± 0.2"},
@@ -256,15 +260,31 @@ def positive_minutes(text: str) -> float:
     return minutes
 
 
+def quick(args) -> None:
+    """--quick: one cell (5w1s imaml-gd unless chosen) of a tiny network with a budget of a few
+    seconds, in a temporary folder unless --out is given: benchmarks/results is left alone."""
+    args.settings, args.algorithms = args.settings or ["5w1s"], args.algorithms or ["imaml-gd"]
+    args.minutes, args.extra = args.minutes or 0.1, [*TINY_OMNIGLOT, *args.extra]
+    with tempfile.TemporaryDirectory() as folder:
+        args.out = str(Path(args.out or folder).resolve())
+        main(args)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=positive_minutes, help="per cell (default: 20 for 5-way, 45 for 20-way)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: all")
+    parser.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS), help="default: all")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further flags for every run (e.g. --model.solver.lam 2)")
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/table2"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
+    parser.add_argument("--out", help="default: benchmarks/results/table2 (--quick: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = parser.parse_args()
-    args.out = str(Path(args.out).resolve())  # each run works in its cell: a relative --out would not resolve there
-    main(args)
+    if args.quick:
+        quick(args)
+    else:
+        args.settings, args.algorithms = args.settings or list(SETTINGS), args.algorithms or list(ALGORITHMS)
+        # each run works in its cell: a relative --out would not resolve there
+        args.out = str(Path(args.out or ROOT / "benchmarks/results/table2").resolve())
+        main(args)

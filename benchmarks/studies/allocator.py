@@ -1,11 +1,14 @@
-"""glibc's malloc defaults against the thresholds the command line sets (imaml_lightning/allocator.py).
+"""Kernel times with glibc's malloc defaults and with the thresholds the command line sets.
+
+The thresholds: imaml_lightning/allocator.py.
 
 Each arm runs in its own process (the thresholds are per process and must be set before the
 first large allocation): IMAML_SYSTEM_MALLOC=1 keeps glibc's defaults. Each process times one
 batched forward+backward pass of the Omniglot conv-4 on 160 images and one vmapped support
-gradient of 32 tasks (medians of 20 and 10 runs); the arms alternate over --rounds rounds.
+gradient of 32 tasks (medians of 20 and 10 runs); the arms alternate over --rounds rounds. The
+results: docs/studies/allocator.md.
 
-Usage: python -m benchmarks.allocator [--rounds 3]
+Usage: python -m benchmarks.studies.allocator [--rounds 3]
 """
 import argparse
 import json

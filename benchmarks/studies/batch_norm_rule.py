@@ -1,4 +1,4 @@
-"""An experiment for `benchmarks.compiled_gradient`: BatchNorm with its own vmap rule.
+"""BatchNorm with its own vmap rule: an experiment for `benchmarks.studies.compiled_gradient`.
 
 Under vmap with per-task parameters, PyTorch runs nn.BatchNorm2d as a normalization without
 affine followed by the per-task scale and shift as separate element-wise operations. Here the
@@ -6,7 +6,8 @@ vmap rule folds the task dimension into the channels instead ([N, T, C, H, W] ->
 a view where vmap's grouped convolution has left the tensor in that layout) and calls the
 native kernel once, affine included, forward and backward (the backward is a Function with its
 own vmap rule too). Enough for vmap(grad), the inner loop's kernel: no forward-mode or double
-derivative rules, so not a replacement for nn.BatchNorm2d in the solver.
+derivative rules, so not a replacement for nn.BatchNorm2d in the solver. Its timing is one arm of
+compiled_gradient; the results: docs/studies/batch_norm_rule.md.
 """
 import copy
 

@@ -1,13 +1,16 @@
-"""Benchmark 4 of the solver (the paper's Figure 2a analogue): relative error of the implicit
-meta-gradient after 1..20 CG steps, against an exact solve of (I + H/lambda) x = grad L(phi; Q)
-with the full Hessian, on a small network (the sinusoid MLP's 1-40-40-1 shape, 1,761 parameters,
-float64) on a sinusoid task.
+"""Relative error of the implicit meta-gradient against the number of CG steps (the paper's Figure 2a).
+
+After 1..20 CG steps, against an exact solve of (I + H/lambda) x = grad L(phi; Q) with the full
+Hessian, on a small network (the sinusoid MLP's 1-40-40-1 shape, 1,761 parameters, float64) on a
+sinusoid task.
 
 The inner problem is solved to high accuracy first (Hessian-free Newton), so (I + H/lambda) is
 positive definite and the error should fall geometrically, at a rate set by its condition number.
 The MLP uses tanh here: with ReLU the loss is only piecewise smooth, the inner gradient does not
-vanish at the kinks, and no iterate is a true minimizer to compare against.
-Usage: python -m benchmarks.cg_convergence [--plot benchmarks/results/cg_convergence.png]
+vanish at the kinks, and no iterate is a true minimizer to compare against. The results:
+docs/studies/cg_convergence.md.
+
+Usage: python -m benchmarks.studies.cg_convergence [--plot benchmarks/results/cg_convergence.png]
 """
 import argparse
 

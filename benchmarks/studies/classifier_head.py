@@ -1,21 +1,22 @@
-"""ConvNet's two classifier heads on Omniglot 5-way 1-shot: validation accuracy (mean ± 95% CI
-over the fixed validation episodes) after every check of one meta-training run per head, the
-flattened features (`--model.net.init_args.head flatten`, the default) against their average
-over space (`average`, as MAML's TensorFlow code does on Omniglot).
+"""ConvNet's two classifier heads on Omniglot 5-way 1-shot: validation accuracy during training.
+
+After every check of one meta-training run per head (mean ± 95% CI over the fixed validation
+episodes), the flattened features (`--model.net.init_args.head flatten`, the default) against
+their average over space (`average`, as MAML's TensorFlow code does on Omniglot).
 
 Both runs are the command line a user runs, each in a fresh temporary folder, with the shipped
 config (configs/omniglot_5way_1shot.yaml), seed 0 and the same --steps (the cosine decay of the
 outer lr spans them): only the head differs. Prints a Markdown table and saves a plot of val
-accuracy against meta-steps.
-Usage: python -m benchmarks.classifier_head [--omniglot-root ../shared/data/omniglot]
+accuracy against meta-steps. The results: docs/studies/classifier_head.md.
+
+Usage: python -m benchmarks.studies.classifier_head [--omniglot-root ../shared/data/omniglot]
        [--steps 600] [--interval 100] [--plot benchmarks/results/classifier_head.png]
 """
 import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, markdown_table, save_line_plot
-from benchmarks.walking_skeleton import ROOT, cli
+from benchmarks.common import OMNIGLOT_ROOT, ROOT, cli, machine, markdown_table, save_line_plot
 
 HEADS = ("flatten", "average")
 
@@ -50,7 +51,7 @@ def main(root: str, steps: int, interval: int, plot: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--interval", type=int, default=100, help="meta-steps between checks")
     parser.add_argument("--plot", default=str(ROOT / "benchmarks/results/classifier_head.png"),

@@ -1,9 +1,11 @@
-"""Is torch.compile of the vmapped support gradient faster than eager? The kernel the inner loop
-calls K + 1 times per meta-iteration, in the reference configuration of `benchmarks.solver_speed`
+"""Seconds of the vmapped support gradient eager, under torch.compile, and written by hand.
+
+The kernel the inner loop calls K + 1 times per meta-iteration, in the reference configuration
+of `benchmarks.solver_speed`
 (32 Omniglot-shaped 5-way 1-shot tasks with their own parameters, conv-4). `hvp_variants` times
 its variants one after another, and between two days eager and compiled swapped places there;
 this alternates the arms over rounds in one process and reports the median ratio and range.
-A third arm is an experiment: BatchNorm with its own vmap rule (benchmarks/batch_norm_rule.py),
+A third arm is an experiment: BatchNorm with its own vmap rule (benchmarks/studies/batch_norm_rule.py),
 which runs the native kernel on task-channels where vmap decomposes it; its gradient is
 checked against nn.BatchNorm2d's in float64. Two more arms bound what a per-task gradient costs
 here: the conv-4 written by hand for a leading task dimension, without vmap
@@ -11,9 +13,9 @@ here: the conv-4 written by hand for a leading task dimension, without vmap
 moved between layers; its gradient checked against vmap's in float64), eager and compiled; and
 the unit of every floor in `benchmarks.solver_speed`, a dense pass: the same 160 images through
 one network (shared weights: ungrouped convolutions). "passes" divides each arm's time by the
-dense pass of the same round.
+dense pass of the same round. The results: docs/studies/compiled_gradient.md.
 
-Usage: python -m benchmarks.compiled_gradient [--rounds 9]
+Usage: python -m benchmarks.studies.compiled_gradient [--rounds 9]
 """
 import argparse
 import statistics
@@ -23,10 +25,10 @@ from functools import partial
 import torch
 from torch.func import grad, vmap
 
-from benchmarks.batch_norm_rule import with_batch_norm_rule
 from benchmarks.common import alternating_rounds, machine, markdown_table, median_seconds, omniglot_shaped_tasks
-from benchmarks.hvp_variants import loss_of, relative_error, task_batched_gradient
 from benchmarks.solver_speed import K, META_BATCH, QUERIES, SHOTS, WAYS, perturbed
+from benchmarks.studies.batch_norm_rule import with_batch_norm_rule
+from benchmarks.studies.hvp_variants import loss_of, relative_error, task_batched_gradient
 from imaml_lightning.models import ConvNet
 
 

@@ -1,13 +1,16 @@
-"""Accuracy per CPU-minute of each curvature: the shipped Omniglot 5-way 1-shot config meta-trained
-for the same wall time with each (curvature, CG steps) arm, then tested on its best checkpoint
-by validation accuracy (600 fixed test episodes, mean ± 95% CI).
+"""Test accuracy of each curvature after the same CPU time of meta-training.
+
+The shipped Omniglot 5-way 1-shot config meta-trained for the same wall time with each
+(curvature, CG steps) arm, then tested on its best checkpoint by validation accuracy (600 fixed
+test episodes, mean ± 95% CI).
 
 Each arm's cosine schedule must end with its budget, and a faster arm takes more meta-steps in the
 same time, so each arm first times 30 meta-steps (train/step_seconds, median) and is then given
 max_steps = --minutes of steps at that speed, less 10% for validation; --trainer.max_time stops
-it at --minutes all the same. Everything else is the shipped config and seed 0.
+it at --minutes all the same. Everything else is the shipped config and seed 0. The results:
+docs/studies/curvature_at_equal_time.md.
 
-Usage: python -m benchmarks.curvature_at_equal_time [--minutes 8]
+Usage: python -m benchmarks.studies.curvature_at_equal_time [--minutes 8]
        [--arms hessian:5 gauss_newton:5 gauss_newton:10]
 """
 import argparse
@@ -16,9 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, markdown_table
-from benchmarks.omp_wait_policy import step_seconds
-from benchmarks.walking_skeleton import ROOT, cli
+from benchmarks.common import OMNIGLOT_ROOT, ROOT, cli, machine, markdown_table, step_seconds
 
 
 def arm_flags(root: str, curvature: str, cg_steps: int) -> list:
@@ -71,6 +72,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=8)
     parser.add_argument("--arms", nargs="+", default=["hessian:5", "gauss_newton:5", "gauss_newton:10"])
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/curvature_at_equal_time"))
     main(parser.parse_args())

@@ -1,18 +1,21 @@
-"""The inner objective G reached by iMAML-GD and iMAML-HF for the same compute, on real Omniglot
-5-way 1-shot tasks with the shipped config's settings (lam 0.5, GD step 0.3, HF 5 CG steps per
-Newton direction, Gauss-Newton curvature).
+"""The inner objective G that iMAML-GD and iMAML-HF reach for the same compute.
+
+On real Omniglot 5-way 1-shot tasks with the shipped config's settings (lam 0.5, GD step 0.3,
+HF 5 CG steps per Newton direction, Gauss-Newton curvature).
 
 For each solver and number of inner steps: the meta-batch mean of G(phi_K) and ||grad G(phi_K)||
 over --tasks tasks (vmapped, as training runs them), and the wall time of that vmapped inner
-loop (median of --repeats). At the initialization theta and at a meta-trained one (the theta that
-benchmarks/implicit_gradient_quality.py caches: 300 meta-steps). Prints a table and plots G against
-seconds (results/hf_vs_gd.png): which solver lowers G more per second is what decides HF's worth
-at equal training time.
+loop (median of --repeats). At the initialization theta and at a meta-trained one (the theta
+that benchmarks/studies/implicit_gradient_quality.py caches: 300 meta-steps). Prints a table and
+plots G against seconds (results/hf_vs_gd.png): which solver lowers G more per second is what
+decides HF's worth at equal training time.
 
 --ways 20 --checkpoint CKPT: 20-way 1-shot tasks, and the theta of a meta-training checkpoint
 (e.g. benchmarks.table2's 20w1s_imaml-gd/checkpoints/best-*.ckpt) in place of the cached one.
 
-Usage: python -m benchmarks.hf_vs_gd [--tasks 16] [--repeats 3] [--ways 5] [--checkpoint CKPT]
+The results: docs/studies/hf_vs_gd.md.
+
+Usage: python -m benchmarks.studies.hf_vs_gd [--tasks 16] [--repeats 3] [--ways 5] [--checkpoint CKPT]
 """
 import argparse
 import statistics
@@ -23,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from benchmarks.common import machine, markdown_table
-from benchmarks.implicit_gradient_quality import ROOT, sample
+from benchmarks.common import OMNIGLOT_ROOT, ROOT, machine, markdown_table
+from benchmarks.studies.implicit_gradient_quality import sample
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import SolverConfig
@@ -102,7 +105,7 @@ def plot(curves: dict, path: Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ways", type=int, default=5, choices=[5, 20])

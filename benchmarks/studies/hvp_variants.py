@@ -1,6 +1,8 @@
-"""How fast can the solver's two kernels be made? The speed target of issue 3 (1.2 s per
-meta-iteration, 1.3x the compute floor) assumes a per-task gradient costs one batched
-forward+backward pass and a Hessian-vector product two. This script measures, in the
+"""Passes per call of every way we tried to compute the solver's two kernels (gradient and HVP).
+
+The speed target of issue 3 (1.2 s per meta-iteration, 1.3x the compute floor) assumes a
+per-task gradient costs one batched forward+backward pass and a Hessian-vector product two.
+This script measures, in the
 reference configuration of `benchmarks.solver_speed` (Omniglot 5-way 1-shot, 32 tasks with their
 own parameters, conv-4 with BatchNorm), what each way of computing them costs in passes:
 
@@ -15,9 +17,9 @@ own parameters, conv-4 with BatchNorm), what each way of computing them costs in
 Each HVP is timed as 5 products at one point (as in CG) divided by 5, so reverse-over-reverse
 is credited with reusing its graph. Each result is compared with the shipped kernel's in
 float64. The last table is the best case: the meta-iteration if the solver cost nothing but its
-fastest kernels.
+fastest kernels. The results: docs/studies/hvp_variants.md.
 
-Usage: python -m benchmarks.hvp_variants [--repeats 5] [--no-compile]
+Usage: python -m benchmarks.studies.hvp_variants [--repeats 5] [--no-compile]
 """
 import argparse
 import copy
@@ -237,5 +239,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", dest="use_compile", action="store_false",
-                        help="skip the torch.compile variants (they compile for about a minute)")
+                        help="skip the torch.compile variants (slow to compile)")
     main(**vars(parser.parse_args()))

@@ -1,15 +1,15 @@
-"""How close is each implicit meta-gradient to the exact one, at a meta-trained theta?
+"""How close each implicit meta-gradient is to the exact one, at a meta-trained theta.
 
 Meta-trains theta for --train-steps with the shipped Omniglot settings (solver only, no
 Lightning), then for --tasks meta-training tasks compares, task by task, each meta-gradient with
 a reference: the exact derivative d/dtheta L(phi_K(theta); Q) of the query loss after the inner
 loop that was actually run (--inner-steps of GD on G, whose anchor theta moves too), by autograd
 through the unrolled loop. That is the outer objective itself with K-step adaptation, and what
-the implicit gradient stands in for; the inner problem of a ReLU network with BatchNorm cannot be
-solved to the end to give the exact implicit one instead (1000 GD steps leave ||grad G|| ~ 0.1
-there: the kinks). The candidates: CG with the exact Hessian (its smallest-residual iterate, and
-its last), CG with the Gauss-Newton matrix (last iterate), and the first-order term
-grad L(phi; Q).
+the implicit gradient stands in for; the inner problem of a ReLU network with BatchNorm cannot
+be solved to the end to give the exact implicit one instead (even long runs of GD leave
+||grad G|| far from 0 there: the kinks; docs/studies/implicit_gradient_quality.md). The candidates: CG
+with the exact Hessian (its smallest-residual iterate, and its last), CG with the Gauss-Newton
+matrix (last iterate), and the first-order term grad L(phi; Q).
 
 Where the inner loop is unstable (sharp losses, 20-way) that derivative is dominated by the
 directions GD amplifies, so a second test asks what the outer step needs: does a step of norm
@@ -19,19 +19,19 @@ step g/||g||); Q)? Reported: the median decrease and the share of tasks where it
 The second table decides what a task whose Hessian CG returned x0 = 0 contributes (the
 "stalled" tasks: negative curvature at the first step, or no iterate with a smaller residual):
 zero (what it did before), its first-order term, CG's last iterate, or the Gauss-Newton solve.
+The results: docs/studies/implicit_gradient_quality.md.
 
-Usage: python -m benchmarks.implicit_gradient_quality [--ways 5] [--train-steps 300] [--tasks 64]
+Usage: python -m benchmarks.studies.implicit_gradient_quality [--ways 5] [--train-steps 300] [--tasks 64]
 """
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad, grad_and_value, vmap
 
-from benchmarks.common import machine, markdown_table
+from benchmarks.common import OMNIGLOT_ROOT, ROOT, machine, markdown_table
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.images import to_unit_range
 from imaml_lightning.models import ConvNet
@@ -40,8 +40,6 @@ from imaml_lightning.solver.algorithms import adapt, solve_implicit_system
 from imaml_lightning.solver.objective import TaskLoss
 from imaml_lightning.solver.inner import gradient_descent
 from imaml_lightning.solver.objective import ProximalObjective
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample(sampler, count: int, seed: int) -> Task:
@@ -174,7 +172,7 @@ def row(estimate, reference, decrease, chosen, first_order_norm) -> list:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--lam", type=float, default=0.5)
@@ -185,7 +183,7 @@ if __name__ == "__main__":
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--tasks", type=int, default=64)
     parser.add_argument("--step", type=float, default=0.3,
-                        help="norm of the step along each candidate (Adam's first steps at lr 1e-3 "
-                             "move the 112k parameters by about 0.33)")
+                        help="norm of the step along each candidate (about the norm of Adam's "
+                             "first steps at lr 1e-3: docs/studies/implicit_gradient_quality.md)")
     parser.add_argument("--chunk", type=int, default=16, help="tasks vectorized at once")
     main(parser.parse_args())

@@ -1,28 +1,30 @@
-"""What logging costs a training run: seconds per meta-step of Omniglot 5-way 1-shot (the shipped
-config, validation off) with the default logging (scalars every 10 steps, charts every 100) and
-with logging off (no logger, no charts). Target: <= 3% overhead.
+"""What logging costs a training run: seconds per meta-step with the default logging and with none.
+
+Omniglot 5-way 1-shot (the shipped config, validation off) with the default logging (scalars
+every 10 steps, charts every 100) and with logging off (no logger, no charts). Target: <= 3%
+overhead.
 
 Logging costs the scalars (and the one diagnostic that takes extra compute, the query pass
 before adaptation, done only on the steps whose scalars are written), the TensorBoard writes and
 the matplotlib charts.
 A callback times every step from one on_train_batch_start to the next; the first 20 are warm-up.
-Runs of one arm differ by up to ~10% on this machine (its speed drifts), more than the target, so
-a last run also times the logging code itself inside a default run (`instrumented`): the
-seconds spent in it per step, against that run's step time.
-Usage: python -m benchmarks.logging_overhead [--omniglot-root ../shared/data/omniglot] [--steps 220] [--rounds 2]
+Runs of one arm can differ by more than the target on a machine whose speed drifts
+(docs/studies/logging_overhead.md), so a last run also times the logging code itself inside a
+default run (`instrumented`): the seconds spent in it per step, against that run's step time.
+
+Usage: python -m benchmarks.studies.logging_overhead [--omniglot-root ../shared/data/omniglot]
+       [--steps 220] [--rounds 2]
 """
 import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 from pytorch_lightning import Callback
 
-from benchmarks.common import machine, markdown_table
+from benchmarks.common import OMNIGLOT_ROOT, ROOT, machine, markdown_table
 from imaml_lightning.cli import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 20
 
 
@@ -36,7 +38,7 @@ class StepTimer(Callback):
 def seconds_per_step(root: str, steps: int, *logging_flags) -> float:
     # The command line builds the callback from its class path, i.e. from the imported module,
     # which is not this __main__ module when the file runs with -m.
-    from benchmarks.logging_overhead import StepTimer as timer
+    from benchmarks.studies.logging_overhead import StepTimer as timer
 
     timer.starts = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -44,7 +46,7 @@ def seconds_per_step(root: str, steps: int, *logging_flags) -> float:
              "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
              "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", workdir,
              "--trainer.default_root_dir", workdir, "--trainer.logger.init_args.save_dir", workdir,
-             "--trainer.callbacks+=benchmarks.logging_overhead.StepTimer", *logging_flags])
+             "--trainer.callbacks+=benchmarks.studies.logging_overhead.StepTimer", *logging_flags])
     gaps = [b - a for a, b in zip(timer.starts[WARMUP:], timer.starts[WARMUP + 1:])]
     return statistics.mean(gaps)  # a mean: the chart steps are rare and slow
 
@@ -95,8 +97,8 @@ def instrumented(root: str, steps: int):
 
 
 def ab_table(root: str, steps: int, rounds: int) -> None:
-    # Arms alternate round by round: this machine's speed drifts by 20-30% over minutes, which
-    # back-to-back runs of one arm would mistake for overhead.
+    # Arms alternate round by round: a shared machine's speed drifts over minutes, which
+    # back-to-back runs of one arm would mistake for overhead (docs/studies/logging_overhead.md).
     times = {arm: [] for arm in ARMS}
     for _ in range(rounds):
         for arm, flags in ARMS.items():
@@ -130,7 +132,7 @@ def main(root: str, steps: int, rounds: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     parser.add_argument("--steps", type=int, default=220)
     parser.add_argument("--rounds", type=int, default=2, help="0: only the instrumented run")
     args = parser.parse_args()

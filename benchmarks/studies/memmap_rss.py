@@ -1,4 +1,6 @@
-"""Does a dataset larger than memory train on a 24 GB machine? Peak resident memory (RSS) of
+"""Peak resident memory of building and sampling a dataset cache larger than memory.
+
+Does a dataset larger than memory train on a 24 GB machine? Peak resident memory (RSS) of
 building and of sampling from a `cached_memmap` cache of tiered-ImageNet's shape at 84 px:
 779,165 images x 3 x 84 x 84 uint8 = 16.5 GB, written to --cache-dir (deleted afterwards).
 
@@ -10,9 +12,9 @@ cache around each touched image, so they grow faster than the bytes sampled); th
 cache, which the kernel drops under memory pressure, unlike anonymous memory: the column that
 must stay small is the anonymous one. (Not
 measured: learn2learn's own reading of tiered-ImageNet's pickles, which holds one split's PNG
-bytes in memory while its images are converted.)
+bytes in memory while its images are converted.) The results: docs/studies/memmap_rss.md.
 
-Usage: python -m benchmarks.memmap_rss [--under /tmp] [--images 779165]
+Usage: python -m benchmarks.studies.memmap_rss [--under /tmp] [--images 779165]
 (the cache goes to a new folder under --under, on a disk, not a tmpfs; removed at the end)
 """
 import argparse
@@ -81,7 +83,7 @@ def sample(cache_dir: Path, episodes: int) -> None:
 
 
 def in_fresh_process(*args) -> list:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.memmap_rss", *args], check=True,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.studies.memmap_rss", *args], check=True,
                          capture_output=True, text=True).stdout.split()
     return [float(v) for v in out[-4:]]
 

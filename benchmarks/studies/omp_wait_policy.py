@@ -1,17 +1,20 @@
-"""Seconds per meta-step with OpenMP's default wait policy and with OMP_WAIT_POLICY=PASSIVE, in
-one process and in two DDP processes (gloo) on this machine.
+"""Seconds per meta-step with OpenMP's default wait policy and with OMP_WAIT_POLICY=PASSIVE.
+
+In one process and in two DDP processes (gloo) on this machine.
 
 OpenMP threads that finish their share of an operation spin, waiting for the next one (libgomp's
 default spins for a while before sleeping). Where two processes share the cores (DDP on one CPU
 host, or another job on the machine), one process's spinning threads take the cycles the other's
-working threads need. PASSIVE makes them sleep at once. python -m imaml_lightning sets it unless
-OMP_WAIT_POLICY is already set; this benchmark starts `python -m imaml_lightning.cli` (the same
-command line without that default) with and without the variable.
+working threads need. PASSIVE makes them sleep at once. The command line leaves OpenMP's default
+(why: docs/studies/omp_wait_policy.md); this study starts `python -m imaml_lightning.cli` with
+and without the variable.
 
 Each arm is a `fit` of the shipped Omniglot 5-way 1-shot config for --steps meta-steps; the time
 per meta-step is the median of the train/step_seconds scalars (rank 0; the meta-step without data
-loading) over the logged steps after the first 5. The arms alternate over --rounds rounds.
-Usage: python -m benchmarks.omp_wait_policy [--steps 60] [--rounds 2]
+loading) over the logged steps after the first 5. The arms alternate over --rounds rounds. The
+results: docs/studies/omp_wait_policy.md.
+
+Usage: python -m benchmarks.studies.omp_wait_policy [--steps 60] [--rounds 2]
 """
 import argparse
 import os
@@ -21,22 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, markdown_table
+from benchmarks.common import OMNIGLOT_ROOT, ROOT, machine, markdown_table, step_seconds
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = {  # name: (processes, OMP_WAIT_POLICY or None for the library's default)
     "1 process, default": (1, None), "1 process, PASSIVE": (1, "PASSIVE"),
     "2 DDP processes, default": (2, None), "2 DDP processes, PASSIVE": (2, "PASSIVE"),
 }
-
-
-def step_seconds(logdir: Path) -> list:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (events,) = {p.parent for p in logdir.rglob("events.out.tfevents.*")}
-    accumulator = EventAccumulator(str(events))
-    accumulator.Reload()
-    return [e.value for e in accumulator.Scalars("train/step_seconds") if e.step >= 5]
 
 
 def run_arm(processes: int, policy, root: str, steps: int) -> list:
@@ -82,5 +75,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     main(parser.parse_args())

@@ -1,44 +1,26 @@
-"""Measure the walking skeleton's two promises on this machine and print a Markdown table.
+"""The walking skeleton's two promises, measured on this machine: a Markdown table.
 
 1. Sinusoid: meta-validation MSE after 10-shot adaptation, at step 0 and after 5 minutes of
    meta-training (target: at least 5x lower).
 2. Omniglot 5-way 1-shot: meta-test accuracy (mean ± 95% CI over 600 fixed episodes of the
    held-out characters) after at most 20 minutes of meta-training (target: >= 90%).
 
-Every number comes from the command line a user runs (python -m imaml_lightning ...).
-Usage: python benchmarks/walking_skeleton.py [--omniglot-root ../shared/data/omniglot]
-       [--only sinusoid|omniglot] [--out benchmarks/results]
+Every number comes from the command line a user runs (python -m imaml_lightning ...). The
+results: docs/studies/walking_skeleton.md.
+
+Usage: python -m benchmarks.studies.walking_skeleton [--omniglot-root ../shared/data/omniglot]
+       [--only sinusoid|omniglot] [--out benchmarks/results/walking_skeleton]
 """
 import argparse
 import datetime
 import os
 import platform
-import re
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-SCORE = re.compile(r"(val|test)/(mse|acc) = ([0-9.]+) ± ([0-9.e-]+)(%?) \(95% CI\) after (\d+)")
-
-
-def cli(*args, workdir):
-    """Run one command, echoing it; returns (score line matches, seconds)."""
-    command = [sys.executable, "-m", "imaml_lightning", *args,
-               "--trainer.enable_progress_bar", "false"]
-    print("$", " ".join(command), flush=True)
-    start = time.time()
-    run = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if run.returncode:
-        sys.exit(run.stdout[-3000:] + run.stderr[-3000:])
-    matches = SCORE.findall(run.stdout + run.stderr)
-    for m in matches:
-        print("   ", f"{m[0]}/{m[1]} = {m[2]} ± {m[3]}{m[4]} after {m[5]} steps", flush=True)
-    return matches, time.time() - start
+from benchmarks.common import OMNIGLOT_ROOT, ROOT, cli
 
 
 def sinusoid(workdir):
@@ -58,7 +40,7 @@ def sinusoid(workdir):
 def omniglot(workdir, root):
     common = ["--config", str(ROOT / "configs/omniglot_5way_1shot.yaml"), "--data.root", root]
     # The config's max_steps (and its cosine schedule) fit the budget on a 2-core CPU; max_time
-    # stops a slower machine at 20 minutes all the same.
+    # stops a slower machine at 20 minutes all the same (docs/studies/walking_skeleton.md).
     scores, seconds = cli("fit", *common, "--trainer.max_time", "00:00:20:00", workdir=workdir)
     # Model selection on the validation characters: the best checkpoint by val/acc (top-1 kept).
     (best,) = (workdir / "checkpoints").glob("best-step*.ckpt")
@@ -69,11 +51,9 @@ def omniglot(workdir, root):
              f"after {test[5]} meta-steps (target >= 90%)")]
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--omniglot-root", default=str(ROOT.parent / "shared/data/omniglot"))
+    parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     parser.add_argument("--only", choices=["sinusoid", "omniglot"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/walking_skeleton"))
     args = parser.parse_args()

@@ -1,0 +1,100 @@
+"""Every benchmark runs in its CI-light form (--quick), and every study at least starts (--help).
+
+Each runs as a user runs it, `python -m benchmarks.NAME` with its default data folders, from an
+empty folder and with a cache of the session's own (XDG_CACHE_HOME), never the user's."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, cli_env
+
+BENCHMARKS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem != "__init__")
+STUDIES = sorted(p.stem for p in (REPO / "benchmarks/studies").glob("*.py") if p.stem != "__init__")
+PEER = REPO.parent / "shared" / "peers" / "imaml_dev"
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict:
+    return {**cli_env(), "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("xdg_cache"))}
+
+
+@pytest.fixture
+def run(env, tmp_path):
+    """run(module, *args) -> its stdout, asserting it succeeded."""
+    def run_module(module: str, *args) -> str:
+        done = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+        return done.stdout
+    return run_module
+
+
+@pytest.fixture(scope="session")
+def peer_code() -> Path:
+    """The authors' code beside this repository; skipped where absent, but required on CI."""
+    if not (PEER / "implicit_maml" / "learner_model.py").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the authors' code is missing at {PEER}")
+        pytest.skip(f"needs the authors' code at {PEER}")
+    return PEER
+
+
+def test_no_benchmark_imports_a_study():
+    for name in BENCHMARKS:
+        assert "benchmarks.studies" not in (REPO / "benchmarks" / f"{name}.py").read_text(), name
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_study_starts(run, study):
+    out = run(f"benchmarks.studies.{study}", "--help")
+    # batch_norm_rule is compiled_gradient's experiment, a module without a command line
+    assert ("usage: " in out) == (study != "batch_norm_rule"), out
+
+
+def test_solver_speed(run):
+    out = run("benchmarks.solver_speed", "--quick")
+    assert "vectorized / floor" in out
+    for curvature in ("hessian", "gauss_newton", "gauss_newton_fd"):
+        assert f"| {curvature} |" in out
+
+
+def test_solver_memory(run):
+    out = run("benchmarks.solver_memory", "--quick")
+    assert "| 1 | " in out and "plot: " in out
+
+
+@pytest.mark.slow
+def test_peer_speed(run, omniglot_root, peer_code):
+    out = run("benchmarks.peer_speed", "--quick")
+    assert "| authors' code | ours |" in out and "| ours, gauss_newton | theirs |" in out
+
+
+@pytest.mark.slow
+def test_data_pipeline(run, omniglot_root):
+    out = run("benchmarks.data_pipeline", "--quick")
+    assert "| 5-way 1-shot, 5 queries |" in out and "| cifarfs |" in out
+    assert "| Mini-ImageNet-shaped 5-way 1-shot, 15 queries |" in out
+
+
+@pytest.mark.slow
+def test_use_your_model(run, omniglot_root):
+    out = run("benchmarks.use_your_model", "--quick")
+    assert "predict: " in out and "| transductive |" in out and "| support |" in out
+
+
+@pytest.mark.slow
+def test_table2_leaves_the_results_alone(run, omniglot_root):
+    results = REPO / "benchmarks" / "results" / "table2"
+    before = {p: p.stat().st_mtime for p in results.rglob("*")}
+    out = run("benchmarks.table2", "--quick")
+    assert "| 5w1s | imaml-gd |" in out
+    assert {p: p.stat().st_mtime for p in results.rglob("*")} == before
+
+
+@pytest.mark.slow
+def test_compiled_training(run, omniglot_root):
+    out = run("benchmarks.compiled_training", "--quick")
+    assert "| eager |" in out and "| compiled |" in out
