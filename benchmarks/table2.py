@@ -16,7 +16,10 @@ table. The latest tables, with their date and machine: docs/benchmarks.md.
 
 Usage: python -m benchmarks.table2 [--minutes M] [--settings 5w1s 20w1s ...]
        [--algorithms imaml-gd imaml-hf maml fomaml reptile] [--out benchmarks/results/table2]
-       [--extra FLAG ...]
+       [--seed N] [--steps-of OUT] [--extra FLAG ...]
+       (--seed 1 --steps-of benchmarks/results/table2: seed 1 of each cell, training exactly the
+       meta-steps and schedule its seed-0 cell did, with no time limit; the table then adds each
+       cell's mean and spread over its seeds)
        python -m benchmarks.table2 --quick   (one tiny cell for a few seconds, in a temporary folder)
 """
 import argparse
@@ -65,9 +68,26 @@ PAPER = {  # Table 2 of Rajeswaran et al. (2019), accuracy % and 95% CI
 }
 
 
-def flags(setting: str, algorithm: str, root: str, extra: list) -> list:
+def flags(setting: str, algorithm: str, root: str, extra: list, seed: int = 0) -> list:
     return ["--config", str(ROOT / "configs" / SETTINGS[setting][0]), "--data.root", root,
-            *ALGORITHMS[algorithm], "--seed_everything", "0", *extra]
+            *ALGORITHMS[algorithm], "--seed_everything", str(seed), *extra]
+
+
+def cell_name(setting: str, algorithm: str, seed: int) -> str:
+    return f"{setting}_{algorithm}" + (f"_seed{seed}" if seed else "")
+
+
+def plan_of_steps(cell: Path, reference: Path) -> dict:
+    """A plan of fixed meta-steps, no time limit: those `reference` (a finished cell) trained,
+    with its cosine schedule's length. So another seed, or the same one on another day, trains
+    the very steps the reference did, whatever the machine's speed."""
+    done = json.loads((reference / "result.json").read_text())
+    planned = json.loads((reference / "plan.json").read_text())
+    steps = {"minutes": None, "max_steps": done["meta_steps"], "lr_schedule_steps": planned["max_steps"],
+             "val_check_interval": planned["val_check_interval"], "steps_of": str(reference)}
+    cell.mkdir(parents=True, exist_ok=True)
+    (cell / "plan.json").write_text(json.dumps(steps, indent=2) + "\n")
+    return steps
 
 
 def plan(cell: Path, command: list, minutes: float, config: str) -> dict:
@@ -108,14 +128,16 @@ def run_cell(cell: Path, command: list, minutes: float, config: str) -> dict:
         seconds = int(minutes * 60)
         budget = ["--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:"
                                         f"{seconds % 60:02d}"]
+    schedule = (["--model.lr_schedule_steps", str(planned["lr_schedule_steps"])]
+                if "lr_schedule_steps" in planned else [])
     _, wall = cli("fit", *command, "--trainer.max_steps", str(planned["max_steps"]),
                   "--trainer.val_check_interval", str(planned["val_check_interval"]),
-                  *budget, *resume, workdir=cell)
+                  *schedule, *budget, *resume, workdir=cell)
     (best,) = (cell / "checkpoints").glob("best-step*.ckpt")
     (test,), _ = cli("test", *command, "--ckpt_path", str(best), workdir=cell)
     result = {"command": "python -m imaml_lightning fit " + " ".join(command),
               **fit_record(cell, wall), "best_step": int(test[5]),
-              "test": f"{test[2]} ± {test[3]}", "step_seconds": planned["step_seconds"],
+              "test": f"{test[2]} ± {test[3]}", "step_seconds": planned.get("step_seconds"),
               "best_checkpoint": best.name}
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -225,33 +247,53 @@ def main(args) -> None:
         config, default_minutes = SETTINGS[setting]
         minutes = args.minutes if args.minutes is not None else default_minutes
         for algorithm in args.algorithms:
-            cell, command = Path(args.out) / f"{setting}_{algorithm}", flags(
-                setting, algorithm, args.omniglot_root, args.extra)
+            name = cell_name(setting, algorithm, args.seed)
+            cell = Path(args.out) / name
+            command = flags(setting, algorithm, args.omniglot_root, args.extra, args.seed)
+            if args.steps_of and not (cell / "plan.json").is_file():
+                plan_of_steps(cell, Path(args.steps_of) / cell_name(setting, algorithm, 0))
             evaluate_longer_adaptation(cell, command, run_cell(cell, command, minutes, config))
     # The table and the plot hold every finished cell under --out, not only this invocation's,
     # so running the settings one command at a time builds one table.
     rows, cells = [], {}
-    for setting in SETTINGS:
-        for algorithm in ALGORITHMS:
-            cell = Path(args.out) / f"{setting}_{algorithm}"
-            if not (cell / "result.json").is_file():
-                continue
+    for setting, algorithm, seed in ((s, a, seed) for s in SETTINGS for a in ALGORITHMS for seed in SEEDS):
+        cell = Path(args.out) / cell_name(setting, algorithm, seed)
+        if (cell / "result.json").is_file():
             result = json.loads((cell / "result.json").read_text())
-            cells[f"{setting} {algorithm}"] = cell
+            cells[f"{setting} {algorithm}" + (f" seed {seed}" if seed else "")] = cell
             rejected = scalars(cell, "train/inner_rejected_steps")
-            rows.append([setting, algorithm, f"{result['meta_steps']} (best {result['best_step']})",
+            rows.append([setting, algorithm, seed, f"{result['meta_steps']} (best {result['best_step']})",
                          result["fit_minutes"], f"{statistics.mean(rejected):.3f}" if rejected else "-",
                          *evaluation_columns(result), f"{PAPER[algorithm][setting.split('-')[0]]}%"])
-    report = (f"{machine()}\nOmniglot, conv-4, paper split, seed 0; test on the best checkpoint by "
-              f"validation accuracy, 600 fixed episodes, mean ± 95% CI\n\n"
-              + markdown_table(["setting", "algorithm", "meta-steps", "fit minutes",
+    report = (f"{machine()}\nOmniglot, conv-4, paper split; test on the best checkpoint by "
+              f"validation accuracy, 600 fixed episodes (the same for every run), mean ± 95% CI\n\n"
+              + markdown_table(["setting", "algorithm", "seed", "meta-steps", "fit minutes",
                                 "rejected inner steps per task and meta-step",
                                 f"val acc, training's / {EVALUATION_STEPS}x its inner steps",
                                 "test acc, training's inner steps",
-                                f"test acc, {EVALUATION_STEPS}x", "paper"], rows))
+                                f"test acc, {EVALUATION_STEPS}x", "paper"], rows)
+              + seed_summary(rows))
     print(f"\n{report}")
     (Path(args.out) / "table2.md").write_text(report + "\n")
     plot(cells, Path(args.out) / "table2.png")
+
+
+SEEDS = range(10)  # the seeds a table looks for
+
+
+def seed_summary(rows: list) -> str:
+    """Per (setting, algorithm) run with several seeds: the mean and the spread (sample standard
+    deviation, min-max) over seeds of the bold test accuracy (each seed's validated choice)."""
+    bold = {}
+    for row in rows:
+        test = next(c for c in row[-3:-1] if c.startswith("**"))
+        bold.setdefault((row[0], row[1]), []).append(float(test.strip("*%").split()[0]))
+    lines = [f"| {s} | {a} | {len(v)} | **{statistics.mean(v):.2f}%** | {statistics.stdev(v):.2f} | "
+             f"{min(v):.2f}-{max(v):.2f} |" for (s, a), v in bold.items() if len(v) > 1]
+    if not lines:
+        return ""
+    return ("\n\nOver seeds:\n\n| setting | algorithm | seeds | mean test acc | std | range |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines))
 
 
 def positive_minutes(text: str) -> float:
@@ -278,6 +320,10 @@ if __name__ == "__main__":
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further flags for every run (e.g. --model.solver.lam 2)")
     parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
+    parser.add_argument("--seed", type=int, default=0, choices=SEEDS,
+                        help="--seed_everything of every run (cells of seed N > 0 are named *_seedN)")
+    parser.add_argument("--steps-of", help="an --out folder whose finished seed-0 cells set each cell's "
+                        "meta-steps and schedule (no time limit), e.g. for more seeds")
     parser.add_argument("--out", help="default: benchmarks/results/table2 (--quick: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = parser.parse_args()

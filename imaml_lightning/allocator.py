@@ -3,8 +3,8 @@
 glibc serves blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mmaps and
 unmaps them on free, so each new tensor of that size pays page faults on first touch. The solver
 allocates and frees megabyte-sized tensors at every inner step (a parameter dict per task under
-vmap), which made one batched forward+backward pass of Omniglot conv-4 about 2x slower on a
-2-core CPU (benchmarks/allocator.py measures both). Peak memory is unchanged; the resident size
+vmap), so keeping freed memory makes the solver's passes faster (measured by
+benchmarks.studies.allocator: docs/studies/allocator.md). Peak memory is unchanged; the resident size
 just does not shrink between steps. Set IMAML_SYSTEM_MALLOC=1 to keep glibc's defaults.
 """
 import ctypes

@@ -9,16 +9,16 @@ it with one rename, so a reader sees either the old checkpoint or the new one.
 import os
 import tempfile
 from pathlib import Path
+from typing import Union
 
 import torch
 from lightning_fabric.utilities.cloud_io import get_filesystem
-from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from imaml_lightning.errors import SettingError, display_path
 
 
-def atomic_torch_save(obj, path: _PATH) -> None:
+def atomic_torch_save(obj, path: Union[str, os.PathLike]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a killed writer
@@ -36,7 +36,7 @@ def atomic_torch_save(obj, path: _PATH) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    def save_checkpoint(self, checkpoint, path: _PATH, storage_options=None) -> None:
+    def save_checkpoint(self, checkpoint, path: Union[str, os.PathLike], storage_options=None) -> None:
         if not isinstance(get_filesystem(path), type(get_filesystem("."))):  # remote: fsspec's way
             return super().save_checkpoint(checkpoint, path, storage_options)
         try:

@@ -18,6 +18,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from imaml_lightning.compat import last_saved_step, save_last_checkpoint, set_last_saved_step
 from imaml_lightning.errors import display_path, require
 
 
@@ -28,7 +29,7 @@ class RunCheckpoint(ModelCheckpoint):
         every_n_minutes: also write last.ckpt after the first meta-step that ends this many
             minutes of training after the previous write (0: only at validations and stops).
             Default 10: a run that validates rarely loses at most that, and writing the
-            checkpoint (a few MB) costs well under 1% of it.
+            checkpoint (a few MB) costs a negligible part of it.
         (every other argument is ModelCheckpoint's)
     """
 
@@ -95,7 +96,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_validation_end(trainer, pl_module)  # best-by-score, and last if that saved
-        if self._last_global_step_saved == trainer.global_step:  # ModelCheckpoint's rule for last
+        if last_saved_step(self) == trainer.global_step:  # ModelCheckpoint's rule for last
             self._last_saved_as_last = trainer.global_step
         self.save_latest(trainer)
 
@@ -104,9 +105,9 @@ class RunCheckpoint(ModelCheckpoint):
         not_training = (bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING
                         or trainer.sanity_checking)
         if self.save_last and not not_training and self._last_saved_as_last != trainer.global_step:
-            saved_step = self._last_global_step_saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            saved_step = last_saved_step(self)
+            save_last_checkpoint(self, trainer)
             self._last_saved_as_last = trainer.global_step
             if not mark_step:
-                self._last_global_step_saved = saved_step
+                set_last_saved_step(self, saved_step)
         self._last_write = time.monotonic()

@@ -15,6 +15,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.charts import TrainingCharts
 from imaml_lightning.checkpointing import RunCheckpoint
+from imaml_lightning.compat import ConfigFileCheckpointHook
 from imaml_lightning.data import EpisodicDataModule
 from imaml_lightning.data.learn2learn_datasets import LEARN2LEARN_NAMES
 from imaml_lightning.errors import (
@@ -26,7 +27,7 @@ from imaml_lightning.run_settings import (
     RunSettings, check_checkpoint_fits, recorded_network, settings_of, upgrade)
 
 
-class IMAMLCLI(LightningCLI):
+class IMAMLCLI(ConfigFileCheckpointHook, LightningCLI):
     def add_arguments_to_parser(self, parser):
         # --checkpoint.dirpath moves checkpoints; the defaults keep the latest state (last.ckpt)
         # and the best by validation score (configs for regression switch the monitor to
@@ -109,7 +110,7 @@ class IMAMLCLI(LightningCLI):
                 raise
             raise SettingError(f"model.{setting_error}") from None
 
-    def _parse_ckpt_path(self) -> None:
+    def apply_config_file_checkpoint(self) -> None:
         """A ckpt_path set in a config file rather than typed: its model settings as in
         parse_arguments (a typed one's are applied there)."""
         settings, self.config_file_checkpoint = model_settings(self.config_file_checkpoint), None

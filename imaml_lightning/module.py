@@ -16,12 +16,21 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from imaml_lightning.compat import DynamoError
 from imaml_lightning.errors import SettingError, require
 from imaml_lightning.metrics import MeanConfidenceInterval
 from imaml_lightning.solver import (
     BATCH_NORM_MODES, SolverConfig, Task, VectorizedMetaGradient, adapt_and_predict, adapt_tasks,
     mse_loss, predict, surrogate_loss,
 )
+
+
+# --trainer.precision values a meta-step runs correctly in. 16-mixed's loss scaling (GradScaler)
+# reaches only the surrogate loss's backward, not the gradients the solver takes inside a
+# meta-step with torch.func (the inner loop's), which float16 would underflow unscaled; "16-true"
+# and "bf16-true" would also run CG in 16 bits, where its recurrences lose conjugacy. bf16-mixed
+# has float32's range and needs no scaling (docs/distributed.md#mixed-precision).
+PRECISIONS = ("32-true", "bf16-mixed", "64-true")
 
 
 class IMAML(pl.LightningModule):
@@ -43,9 +52,9 @@ class IMAML(pl.LightningModule):
             statistics; "support": the support set's, so a prediction depends on its image
             alone (predict always uses this).
         chunk_size: tasks vectorized together (None: the whole meta-batch).
-        compile_solver: meta-train with the solver compiled by torch.compile: each meta-step
-            0.6-0.8x the time, after a first step that compiles for minutes (runs of 20 minutes
-            or more; solver.VectorizedMetaGradient has the measurements). Evaluation stays eager.
+        compile_solver: meta-train with the solver compiled by torch.compile: shorter
+            meta-steps after a first step that compiles for minutes, so for long runs (the
+            measurements: docs/benchmarks.md#compiled_training). Evaluation stays eager.
     """
 
     def __init__(
@@ -87,6 +96,11 @@ class IMAML(pl.LightningModule):
         self.checkpoint_step = 0  # meta-steps of the loaded checkpoint (validate/test report it)
         self.evaluation_result = None  # the last validate/test score (results.ResultFile writes it)
         self.adapted = None  # predict's task: Adapted
+
+    def setup(self, stage: str) -> None:
+        require(self.trainer.precision in PRECISIONS, "trainer.precision", self.trainer.precision,
+                f"must be one of {PRECISIONS}: float16's loss scaling does not reach the "
+                f"gradients the solver takes inside a meta-step; use bf16-mixed")
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.outer_lr, eps=self.hparams.adam_eps)
@@ -144,7 +158,7 @@ class IMAML(pl.LightningModule):
     def solve(self, params, tasks: Task, diagnose_before: bool):
         try:
             return self.meta_gradient(params, tasks, diagnose_before)
-        except torch._dynamo.exc.TorchDynamoException as error:
+        except DynamoError as error:
             # Dynamo cannot trace the network (torch 2.14 fails on jvp through nn.Linear with
             # per-task weights under vmap when the layer's input carries no tangent: the
             # sinusoid's MLP does not compile, the conv-4 does), or Inductor cannot build its

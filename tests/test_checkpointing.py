@@ -9,8 +9,8 @@ import torch
 
 from imaml_lightning import checkpoint_io
 from imaml_lightning.cli import main
-from tests.helpers import cli_command, cli_env, load, run_cli
-from tests.test_resume import RUN, assert_same_tree
+from tests.helpers import (
+    RESUME_RUN as RUN, assert_same_tree, cli_command, cli_env, load, run_cli, scalars)
 
 SINUSOID = ["--config", "configs/sinusoid.yaml", "--data.init_args.val_episodes", "6",
             "--data.init_args.meta_batch_size", "4", "--model.solver.inner_steps", "3",
@@ -88,7 +88,6 @@ def test_a_failed_write_is_one_error_and_keeps_the_previous_checkpoint(workdir, 
 
 def wait_for(process, log_dir, tag: str, count: int, timeout: float = 180) -> None:
     """Until TensorBoard holds `count` values of `tag` from the running `process`."""
-    from tests.test_cli import scalars
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert process.poll() is None, "training ended too early"

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from imaml_lightning.cli import main
-from tests.helpers import assert_compiled_trains_as_eager, load, tiny_omniglot
+from tests.helpers import scalars, assert_compiled_trains_as_eager, load, tiny_omniglot
 
 FAST_SINUSOID = [
     "--config", "configs/sinusoid.yaml",
@@ -20,12 +20,6 @@ FAST_SINUSOID = [
     "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
     "--trainer.enable_progress_bar", "false",
 ]
-
-
-def scalars(log_dir):
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_fit_writes_checkpoints_and_tensorboard_and_resumes(workdir):

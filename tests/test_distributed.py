@@ -1,11 +1,12 @@
-"""World-size invariance: one process and two DDP processes (gloo, CPU) train identically."""
+"""World-size invariance: one process and two DDP processes (gloo, CPU) train identically.
+(Launches by torchrun, by NODE_RANK and under SLURM: tests/test_launch.py.)"""
 import subprocess
 
 import pytest
-import torch
 
 from tests.helpers import (
-    REPO, assert_compiled_trains_as_eager, cli_command, cli_env, load, run_cli, tiny_omniglot,
+    REPO, assert_compiled_trains_as_eager, assert_same_meta_gradients, cli_command, cli_env, load,
+    recording, run_cli, tiny_omniglot,
 )
 
 TINY_SINUSOID = [
@@ -22,20 +23,29 @@ def fit(workdir, *args):
     return load(workdir / "checkpoints" / "last.ckpt")
 
 
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def recorder(folder, replay=None) -> list:
+    """benchmarks.device_check.MetaGradientRecorder into `folder` (tests/test_launch.py says
+    what it records and why the reference replays the other run's parameters)."""
+    return ["--trainer.callbacks+=benchmarks.device_check.MetaGradientRecorder",
+            "--trainer.callbacks.out", str(folder),
+            *(["--trainer.callbacks.replay", str(replay)] if replay else [])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["imaml", "maml"])
 def test_two_ddp_processes_train_like_one(tmp_path, algorithm):
-    one = fit(tmp_path / "one", "--model.solver.algorithm", algorithm, "--trainer.devices", "1")
+    """At each of the 5 steps: the episodes and the all-reduced meta-gradient of one process at
+    the same parameters (relative 1e-6; float32 rounding, the tasks summed in another order).
+    A rank solving the wrong tasks, or a meta-gradient left unreduced, would differ by orders of
+    magnitude more."""
     two = fit(tmp_path / "two", "--model.solver.algorithm", algorithm, "--trainer.devices", "2",
-              "--trainer.strategy", "ddp")
+              "--trainer.strategy", "ddp", *recorder(tmp_path / "two_recording"))
+    one = fit(tmp_path / "one", "--model.solver.algorithm", algorithm, "--trainer.devices", "1",
+              *recorder(tmp_path / "one_recording", replay=tmp_path / "two_recording"))
     assert one["global_step"] == two["global_step"] == 5
-    # float32 rounding only (tasks summed in another order, 1.1e-6 seen for a bias after 5 steps);
-    # a rank solving the wrong tasks would differ by orders of magnitude more.
-    for name, value in one["state_dict"].items():
-        assert relative_difference(two["state_dict"][name], value) <= 1e-5, name
+    [reference] = recording(tmp_path / "one_recording", 1)
+    assert_same_meta_gradients(reference, recording(tmp_path / "two_recording", 2),
+                               "LightningEnvironment", 5)
     # The 9 validation episodes are split 5/4 across the ranks and every one is counted once.
     [one_callback], [two_callback] = (
         [v for k, v in c["callbacks"].items() if k.startswith("RunCheckpoint")] for c in (one, two))
@@ -43,6 +53,7 @@ def test_two_ddp_processes_train_like_one(tmp_path, algorithm):
         two_callback["best_model_score"].item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_compiled_solver_trains_under_ddp_as_one_eager_process(tmp_path, omniglot_root,
                                                                     cache_dir):
     """--model.compile_solver with two DDP processes: each compiles its own solver for its half of

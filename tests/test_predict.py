@@ -12,8 +12,7 @@ from PIL import Image
 from imaml_lightning.data.folder import FolderDataModule, list_images
 from imaml_lightning.predict import load_model, main
 from imaml_lightning.solver import Task, adapt_and_predict
-from tests.data.test_folder import make_root, noise
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, make_root, noise, run_cli
 
 CLASSES = [f"class_{c:02d}" for c in range(6)]  # 2 per split: 2-way training
 SIDE = 16
@@ -97,12 +96,14 @@ def test_predict_equals_what_evaluation_computes_for_the_same_task(trained, tmp_
     torch.testing.assert_close(network(pick(query_files)), probabilities, atol=1e-5, rtol=0)
 
 
-def test_a_prediction_does_not_depend_on_the_other_queries(trained, tmp_path):
+def test_a_prediction_does_not_depend_on_the_other_queries(trained, tmp_path, device):
     ckpt, root, _ = trained
     support, query = episode(root, tmp_path, CLASSES[:2])
+    accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
     for size in (1, 50):
         assert predict("--ckpt_path", ckpt, "--support", support, "--query", query,
-                       "--batch_size", size, "--out", tmp_path / f"{size}.csv") == 0
+                       "--batch_size", size, "--out", tmp_path / f"{size}.csv",
+                       "--accelerator", accelerator) == 0
     one, fifty = (torch.tensor([[float(v) for v in r[2:]] for r in read_csv(tmp_path / f"{n}.csv")[1]])
                   for n in (1, 50))
     torch.testing.assert_close(one, fifty, atol=1e-5, rtol=0)

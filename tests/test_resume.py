@@ -4,33 +4,9 @@ import signal
 import subprocess
 import time
 
-import torch
+from tests.helpers import RESUME_RUN, assert_same_tree, cli_command, cli_env, load, run_cli, scalars
 
-from tests.helpers import REPO, cli_command, cli_env, load, run_cli
-from tests.test_cli import scalars
-
-RUN = [
-    "--config", str(REPO / "configs/sinusoid.yaml"), "--data.init_args.meta_batch_size", "4",
-    "--data.init_args.val_episodes", "6", "--model.solver.inner_steps", "3",
-    "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--model.lr_schedule", "cosine", "--model.lr_schedule_steps", "10",  # its state is restored too
-]
-
-
-def assert_same_tree(a, b, where="checkpoint"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+RUN = RESUME_RUN
 
 
 def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):

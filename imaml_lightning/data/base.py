@@ -1,10 +1,10 @@
 """The LightningDataModule shared by every episodic dataset."""
-import os
 from typing import Optional
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from imaml_lightning.compat import global_seed
 from imaml_lightning.data.episodes import EpisodeStream, FixedEpisodes, TaskSampler
 from imaml_lightning.errors import require
 
@@ -79,7 +79,7 @@ class EpisodicDataModule(pl.LightningDataModule):
         require(self.meta_batch_size % world == 0, "data.meta_batch_size", self.meta_batch_size,
                 f"must be divisible by the number of processes ({world})")
         # The run's seed, as set by --seed_everything (Lightning exports it to every process).
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = self.seed if self.seed is not None else (global_seed() or 0)
         stream = EpisodeStream(self.sampler, seed, self.meta_batch_size, rank, world,
                                start_step=trainer.global_step if trainer else 0)
         return self._loader(stream, batch_size=None)

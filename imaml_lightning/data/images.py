@@ -3,9 +3,9 @@
 Every image dataset (Omniglot, Mini-ImageNet, a user's folders) becomes a `LabeledImages`: one
 tensor [images, C, H, W] and the image indices of each class. `ClassificationTasks` draws tasks
 from it by tensor indexing. learn2learn's TaskDataset (MetaDataset + NWays + KShots + LoadData +
-RemapLabels) draws the same tasks 5.4x slower at Omniglot 5-way 1-shot and 55x slower at 20-way
-5-shot (benchmarks/data_pipeline.py, no rotations: it loads images one at a time through
-Dataset.__getitem__ and filters label lists in Python), so we keep our own.
+RemapLabels) draws the same tasks much more slowly: it loads images one at a time through
+Dataset.__getitem__ and filters label lists in Python. So we keep our own (benchmarks.data_pipeline
+measures both: docs/benchmarks.md#data_pipeline).
 """
 import hashlib
 from dataclasses import dataclass
@@ -83,8 +83,8 @@ class ClassificationTasks:
         draws = keys.argsort(1)[:, : self.shots + self.queries]
         rows = self.members[chosen[:, None], draws].flatten()
         # index_select copies whole images; advanced indexing (images[rows]) goes element by
-        # element on uint8: with it, CUB-shaped 84x84 RGB tasks came 1.6x slower than through
-        # learn2learn's Taskset, now 2.8x faster (benchmarks/data_pipeline.py, learn2learn rows).
+        # element on uint8, which made 84x84 RGB tasks slower than learn2learn's Taskset
+        # (docs/benchmarks.md#data_pipeline, learn2learn's datasets).
         x = self.images.index_select(0, rows).view(self.ways, -1, *self.images.shape[1:])
         if self.rotations == "classes":
             x = rotate_each_class(x, drawn % ROTATIONS)

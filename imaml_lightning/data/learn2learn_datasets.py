@@ -6,10 +6,12 @@ CIFAR-FS (Bertinetto et al. 2019), FC100 (Oreshkin et al. 2018), and CUB-200, FG
 VGG Flowers and Describable Textures in the splits of Meta-Dataset (Triantafillou et al. 2020).
 
 Ours: each image is decoded once, resized to `image_size` and appended to a uint8 cache outside
-the root (`cached_memmap`: memory-mapped, so tiered-ImageNet's 16 GB at 84 px works on a 24 GB
-machine), and tasks are drawn by `ClassificationTasks`, the sampler of every image dataset here:
-deterministic, rank-sharded, resumable episodes, 2.8-55x faster than learn2learn's TaskDataset
-(images.py). A learn2learn user keeps the datasets they have on disk and their splits.
+the root (`cached_memmap`: memory-mapped, so a cache larger than memory, like tiered-ImageNet's
+16.5 GB at 84 px, is read as page cache: docs/studies/memmap_rss.md), and tasks are drawn by
+`ClassificationTasks`, the sampler of every image dataset here: deterministic, rank-sharded,
+resumable episodes, faster than learn2learn's TaskDataset (images.py;
+docs/benchmarks.md#data_pipeline). A learn2learn user keeps the datasets they have on disk and
+their splits.
 """
 import io
 import pickle

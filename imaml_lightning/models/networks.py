@@ -28,8 +28,8 @@ class ConvNet(nn.Module):
     head: "flatten" (default): the classifier reads the flattened features (`image_size` fixes
         their number); "average": it reads their average over space (`hidden` numbers, whatever
         the image size), as MAML's TensorFlow code does on Omniglot. Flatten is the default
-        because it learns much faster on Omniglot 5-way 1-shot (val accuracy after 300 steps of
-        the shipped config: 91.5% vs 75.5%; benchmarks/classifier_head.py, table in the README).
+        because it learns much faster on Omniglot 5-way 1-shot (benchmarks.studies.classifier_head:
+        docs/studies/classifier_head.md).
     """
 
     def __init__(

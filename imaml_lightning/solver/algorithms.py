@@ -84,9 +84,10 @@ def solve_implicit_system(curvature, b: Params, config: SolverConfig) -> CGResul
 def stalled_solve_fallback(query_grad: Params) -> Params:
     """What a task contributes when CG returned x0 = 0 (its first step met negative curvature,
     or no iterate had a smaller residual than the start): the first-order term grad L(phi; Q),
-    the solution where the curvature is dropped, instead of silently nothing. Measured
-    (benchmarks/implicit_gradient_quality.py, 20-way): a step against it lowered all 19 stalled
-    tasks' query loss, nearly as much as CG's last iterate, whose norm reached 5.5x its own."""
+    the solution where the curvature is dropped, instead of silently nothing. A step against it
+    lowers a stalled task's query loss nearly as much as CG's last iterate, without that
+    iterate's occasional huge norm (benchmarks.studies.implicit_gradient_quality:
+    docs/studies/implicit_gradient_quality.md)."""
     return query_grad
 
 

@@ -20,6 +20,32 @@ def batch_norm_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def batch_norm_in_float32(model: nn.Module) -> nn.Module:
+    """Under autocast, every BatchNorm layer of `model` normalizes in float32: a hook casts its
+    bfloat16/float16 input up before it runs, while the convolutions and linear layers around
+    it keep autocast's reduced precision. Outside autocast, and for float32 or float64 inputs,
+    the hook does nothing. Idempotent (the solver calls it on every network it is given).
+
+    Why: vmap over a gradient through BatchNorm fails under autocast when the layer's input is
+    reduced precision and its parameters float32 ("expected scalar type BFloat16 but found
+    Float" with CPU autocast and torch 2.14.1; the same with Half under CUDA autocast,
+    pytorch/pytorch#184890), and batch statistics with bfloat16's 8-bit mantissa would be coarse
+    anyway. Mixed-precision training commonly keeps normalization in float32 for the latter."""
+    for layer in batch_norm_layers(model):
+        if not getattr(layer, "_normalizes_in_float32", False):
+            layer.register_forward_pre_hook(_float32_under_autocast)
+            layer._normalizes_in_float32 = True
+    return model
+
+
+def _float32_under_autocast(layer: nn.Module, args: tuple):
+    x = args[0]
+    # The dtype first: in float32 nothing else is evaluated (torch.compile folds it away).
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return (x.float(), *args[1:])
+    return None
+
+
 def channel_statistics(x: torch.Tensor):
     """Per-channel mean and biased variance over the batch and spatial dimensions (BatchNorm's)."""
     dims = [0, *range(2, x.dim())]

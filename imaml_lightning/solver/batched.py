@@ -21,10 +21,11 @@ class VectorizedMetaGradient:
     compile: build the vmapped solver once with torch.compile (Inductor). It fuses what eager
     vmap runs as one pass over memory per operation: the solver's arithmetic on the parameter
     dicts (every task's copy of the network, 3.6 M numbers in the reference meta-batch) and
-    BatchNorm's decomposition under vmap; the convolutions stay oneDNN's. Measured on a 2-core
-    CPU: a meta-step takes 0.6-0.8x eager's time (benchmarks/compiled_training.py,
-    peer_speed.py), after a first call that compiles for minutes (the inner loop and CG are
-    unrolled into one graph; 30-40 s where Inductor's cache holds the kernels). Shapes are
+    BatchNorm's decomposition under vmap; the convolutions stay oneDNN's. So a meta-step is
+    shorter, after a first call that compiles for minutes (the inner loop and CG are unrolled
+    into one graph; less where Inductor's cache holds the kernels): worth it for long runs. The
+    measurements (benchmarks.compiled_training, benchmarks.peer_speed):
+    docs/benchmarks.md#compiled_training. Shapes are
     specialized (dynamic=False): a batch of another shape compiles again. Not every network
     traces: torch 2.14's Dynamo fails on the Gauss-Newton jvp through an MLP's first layer
     under vmap (the conv-4 compiles)."""

@@ -30,8 +30,8 @@ def conjugate_gradient(
     only positive definite near a minimizer of the inner problem. Of the iterates, the one with
     the smallest residual is returned (the last one if not `smallest_residual`, for callers
     that search the step length themselves): where A is nearly singular along p, a step with tiny
-    positive curvature can be huge (meta-gradients 100x their usual norm were seen on Omniglot,
-    each one a jolt to Adam); its residual shows it. Where A is positive definite the residual
+    positive curvature can be huge (a meta-gradient many times its usual norm, a jolt to Adam);
+    its residual shows it. Where A is positive definite the residual
     usually falls, and this is the last iterate.
     """
     x = best = tree.zeros_like(b)

@@ -32,7 +32,7 @@ class SolverConfig:
     """Proximal regularization strength lambda of the inner problem (iMAML only)."""
     curvature: Literal["hessian", "gauss_newton", "gauss_newton_fd"] = "gauss_newton"
     """The matrix C of the implicit system I + C/lam and of HF's Newton system: the generalized
-    Gauss-Newton matrix (positive semi-definite, about half the cost per product; "_fd": J v by
+    Gauss-Newton matrix (positive semi-definite, cheaper per product; "_fd": J v by
     a forward difference), or the exact Hessian (indefinite away from the inner minimizer)."""
     inner_solver: Literal["gd", "adam", "hf"] = "gd"
     """Inner solver: gradient descent, Adam, or Hessian-free Newton with line search (iMAML-HF)."""

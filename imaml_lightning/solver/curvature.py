@@ -18,10 +18,11 @@ The implicit system (I + C/lam) x = grad L(phi; Q) and iMAML-HF's Newton system 
   rounding and the ReLU kinks the difference straddles); a difference of the *gradient* would not be (its kinks
   make the error O(1) at any h), which is why only J v is differenced.
 
-A product costs, in dense forward+backward passes under vmap (benchmarks/solver_speed.py, Omniglot
-conv-4, 32 tasks): "hessian" 6.2 (forward-over-reverse through the whole network);
-"gauss_newton" 3.2 (one forward with tangents for J v, one backward for J^T u through a pullback
-built once per point and shared by every product there); "gauss_newton_fd" 2.1.
+What a product costs: "hessian" is forward-over-reverse through the whole network (a forward and
+a backward, each carrying tangents); "gauss_newton" one forward with tangents for J v and one
+backward for J^T u through a pullback built once per point and shared by every product there;
+"gauss_newton_fd" a plain forward and that backward. Their measured cost in passes
+(benchmarks.solver_speed): docs/benchmarks.md#solver_speed.
 """
 from typing import Callable
 

@@ -135,7 +135,7 @@ def hessian_free(objective: ProximalObjective, theta: Params, steps: int, lr: fl
         fallback = (newton.iterations == 0).to(value.dtype)
         direction = tree.add(tree.scale(newton.x, 1 - fallback), gradient, -fallback)
         candidates = torch.stack([value_only(tree.add(phi, direction, a)) for a in LINE_SEARCH_STEPS])
-        sizes = torch.tensor(LINE_SEARCH_STEPS, dtype=value.dtype)
+        sizes = torch.tensor(LINE_SEARCH_STEPS, dtype=value.dtype, device=value.device)
         best = candidates.argmin()
         lowered = candidates[best] < value
         size = torch.where(lowered, sizes[best], 0.0)
@@ -151,8 +151,8 @@ def minibatch_gradient_descent(loss, theta: Params, x: torch.Tensor, y: torch.Te
     `batch_size` examples, taken in turn from the task's examples with its classes taking turns
     (wrapping round; batch_size None: every example at every step). Reptile's update owes its
     learning signal to the inner products of gradients on *different* minibatches of a task
-    (Nichol et al. 2018, section 5); with the whole task at every step that term is missing (a
-    20-minute Omniglot 5-way 1-shot run: 62.31% test, benchmarks/results/table2/tuning.md).
+    (Nichol et al. 2018, section 5); with the whole task at every step that term is missing, and
+    Reptile learns far less (docs/results.md#reptile).
     loss: (phi, x, y) -> (L, output). No safeguard: each step's loss is on another minibatch, so
     a rise says nothing about the step; the objective trace holds each step's minibatch loss, then
     the whole task's at phi_K."""
@@ -175,8 +175,8 @@ def classes_in_turn(y: torch.Tensor) -> torch.Tensor:
     then each one's second, ... (regression targets: as given). Minibatches cut from this order
     hold every class about equally, without randomness (so a resumed run stays bit-exact)."""
     if y.is_floating_point():
-        return torch.arange(len(y))
-    earlier = torch.ones(len(y), len(y), dtype=torch.bool).tril(-1)
+        return torch.arange(len(y), device=y.device)
+    earlier = torch.ones(len(y), len(y), dtype=torch.bool, device=y.device).tril(-1)
     rank = ((y[:, None] == y[None, :]) & earlier).sum(1)  # earlier examples of the same class
     return torch.argsort(rank, stable=True)
 

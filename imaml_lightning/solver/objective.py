@@ -6,6 +6,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from imaml_lightning.solver import curvature, tree
+from imaml_lightning.solver.batch_norm import batch_norm_in_float32
 from imaml_lightning.solver.tree import Params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -17,7 +18,7 @@ class TaskLoss:
     Gauss-Newton product needs each on its own)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn = batch_norm_in_float32(model), loss_fn
 
     def output(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (x,))

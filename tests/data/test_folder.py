@@ -15,26 +15,13 @@ from PIL import Image
 from imaml_lightning.data.episodes import task_generator
 from imaml_lightning.data.folder import FolderDataModule, split_by_ratio
 from imaml_lightning.errors import SettingError
-from tests.helpers import cli_command, cli_env, load, run_cli
+from tests.helpers import (
+    FOLDER_CLASSES, FOLDER_SIDE, cli_command, cli_env, load, make_root, noise, run_cli)
 
-CLASSES = [f"class_{c:02d}" for c in range(12)]
-SIDE = 16
+CLASSES, SIDE = FOLDER_CLASSES, FOLDER_SIDE
 EVEN = (0.5, 0.25, 0.25)  # 12 classes -> 6 / 3 / 3
 EPISODE = {"ways": 3, "shots": 2, "queries": 3, "split_ratios": EVEN}
 SMALL = {"ways": 2, "shots": 1, "queries": 1, "split_ratios": (1 / 3, 1 / 3, 1 / 3)}  # 6 classes
-
-
-def noise(name: str, index: int, width: int = SIDE, height: int = SIDE) -> np.ndarray:
-    seed = int.from_bytes(hashlib.sha256(f"{name}/{index}".encode()).digest()[:8], "little")
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def make_root(root, classes=CLASSES, images=6):
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for index in range(images):
-            Image.fromarray(noise(name, index)).save(root / name / f"{index}.png")
-    return root
 
 
 def owners(root, mode: str) -> dict:

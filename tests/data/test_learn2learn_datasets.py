@@ -253,7 +253,7 @@ def test_cross_domain_test_records_the_dataset(tmp_path, workdir):
     takes the network (here 8 channels, not the Mini-ImageNet config's 32) from the checkpoint."""
     import subprocess
 
-    from tests.data.test_miniimagenet import small_fake
+    from tests.helpers import small_fake_miniimagenet as small_fake
 
     cub_root, cache = tmp_path / "cub", tmp_path / "cache"
     write_fake("cub", cub_root)

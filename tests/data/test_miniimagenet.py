@@ -14,28 +14,13 @@ from imaml_lightning.data.episodes import task_generator
 from imaml_lightning.data import miniimagenet
 from imaml_lightning.data.miniimagenet import MiniImageNetDataModule, load_images
 from imaml_lightning.errors import SettingError
-from tests.helpers import load, run_cli
+from tests.helpers import (
+    MINIIMAGENET_FILES as FILES, load, run_cli, small_fake_miniimagenet as small_fake,
+    write_fake_miniimagenet as write_fake,
+)
 
-FILES = {"train": "train", "val": "validation", "test": "test"}
 PAPER_CLASSES = {"train": 64, "val": 16, "test": 20}
 NAMES = [f"mini-imagenet-cache-{mode}.pkl" for mode in FILES.values()]
-
-
-def write_fake(root: Path, classes: dict, per_class: int, seed: int = 0) -> dict:
-    """The three pickles under root; returns {image bytes (HWC): (split, class name)}."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    owner = {}
-    for split, mode in FILES.items():
-        images = rng.integers(0, 256, (classes[split] * per_class, 84, 84, 3), dtype=np.uint8)
-        # Members scattered through image_data, as nothing in the format promises blocks.
-        order = rng.permutation(len(images)).reshape(classes[split], per_class)
-        class_dict = {f"n{split}{c:03d}": order[c].tolist() for c in range(classes[split])}
-        for name, ids in class_dict.items():
-            owner.update({images[i].tobytes(): (split, name) for i in ids})
-        with open(root / f"mini-imagenet-cache-{mode}.pkl", "wb") as file:
-            pickle.dump({"image_data": images, "class_dict": class_dict}, file, protocol=4)
-    return owner
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +41,6 @@ def mini(fake, cache):
     dm.prepare_data()
     dm.setup("fit")
     return dm
-
-
-def small_fake(root: Path) -> Path:
-    write_fake(root, {"train": 3, "val": 2, "test": 2}, per_class=4)
-    return root
 
 
 def owners(owner: dict, x: torch.Tensor) -> list:

@@ -1,10 +1,11 @@
 """The compiled solver: the same meta-gradient as eager vmap, compiled once per shape, deterministic."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from imaml_lightning.models import ConvNet
 from imaml_lightning.solver import SolverConfig, Task, VectorizedMetaGradient
-from tests.solver.test_imaml import omniglot_like_tasks
+from tests.helpers import omniglot_like_tasks
 
 
 def double_tasks(seed):
@@ -12,6 +13,7 @@ def double_tasks(seed):
     return Task(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
 
 
+@pytest.mark.slow  # compiles for minutes on a CPU
 def test_compiled_meta_gradient_equals_eager_and_compiles_once():
     """float64, so that Inductor's fused (reordered) sums agree with eager's to rounding; a conv
     network with BatchNorm, the GD safeguard and Gauss-Newton CG, all inside the one graph."""

@@ -22,10 +22,10 @@ def random_spd(n, generator, eigenvalues=None):
     return q @ torch.diag(eigenvalues) @ q.T
 
 
-def test_solves_random_spd_system_to_machine_precision():
+def test_solves_random_spd_system_to_machine_precision(device):
     g = torch.Generator().manual_seed(0)
-    matrix = random_spd(9, g)
-    b = torch.randn(9, generator=g, dtype=torch.float64)
+    matrix = random_spd(9, g).to(device)
+    b = torch.randn(9, generator=g, dtype=torch.float64).to(device)
     result = conjugate_gradient(matvec_of(matrix), as_params(b), steps=30)
     x = torch.cat([result.x["a"], result.x["b"].flatten()])
     exact = torch.linalg.solve(matrix, b)
@@ -33,14 +33,15 @@ def test_solves_random_spd_system_to_machine_precision():
     assert result.residual_norms.shape == (31,)
     assert result.residual_norms[-1] < 1e-10 * result.residual_norms[0]
     assert not result.negative_curvature
+    assert x.device.type == torch.device(device).type
 
 
-def test_tolerance_stops_early_and_counts_iterations():
+def test_tolerance_stops_early_and_counts_iterations(device):
     g = torch.Generator().manual_seed(1)
     # Three distinct eigenvalues: CG converges in three steps, then must stop.
     eigenvalues = torch.tensor([1.0] * 7 + [10.0, 100.0], dtype=torch.float64)
-    matrix = random_spd(9, g, eigenvalues)
-    b = as_params(torch.randn(9, generator=g, dtype=torch.float64))
+    matrix = random_spd(9, g, eigenvalues).to(device)
+    b = as_params(torch.randn(9, generator=g, dtype=torch.float64).to(device))
     loose = conjugate_gradient(matvec_of(matrix), b, steps=30, tol=1e-8)
     assert loose.iterations == 3
     final = loose.residual_norms[3]
@@ -48,19 +49,19 @@ def test_tolerance_stops_early_and_counts_iterations():
     assert torch.all(loose.residual_norms[int(loose.iterations):] == final)  # frozen afterwards
 
 
-def test_negative_curvature_keeps_last_iterate_and_is_flagged():
-    matrix = torch.diag(torch.tensor([1.0, 2.0, 3.0, -1.0, -2.0], dtype=torch.float64))
-    b = as_params(torch.ones(5, dtype=torch.float64))
+def test_negative_curvature_keeps_last_iterate_and_is_flagged(device):
+    matrix = torch.diag(torch.tensor([1.0, 2.0, 3.0, -1.0, -2.0], dtype=torch.float64)).to(device)
+    b = as_params(torch.ones(5, dtype=torch.float64).to(device))
     result = conjugate_gradient(matvec_of(matrix), b, steps=10)
     assert result.negative_curvature
     assert torch.isfinite(result.x["a"]).all() and torch.isfinite(result.x["b"]).all()
     assert result.iterations < 10
 
 
-def test_vmap_over_systems_matches_one_at_a_time():
+def test_vmap_over_systems_matches_one_at_a_time(device):
     g = torch.Generator().manual_seed(2)
-    matrices = torch.stack([random_spd(5, g) for _ in range(4)])
-    bs = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    matrices = torch.stack([random_spd(5, g) for _ in range(4)]).to(device)
+    bs = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device)
 
     def solve(matrix, b):
         result = conjugate_gradient(matvec_of(matrix), as_params(b), steps=3)
@@ -73,11 +74,11 @@ def test_vmap_over_systems_matches_one_at_a_time():
         torch.testing.assert_close(norms[i], single_norms)
 
 
-def test_a_huge_step_along_nearly_zero_curvature_is_not_returned():
+def test_a_huge_step_along_nearly_zero_curvature_is_not_returned(device):
     """Indefinite A with p^T A p = 3e-6 > 0 on the first step: alpha ~ 2e6 sends x far off and
     the residual up; the iterate with the smallest residual (here x0 = 0) is returned."""
-    matrix = torch.diag(torch.tensor([1.0] * 4 + [-4 / 3 + 1e-6] * 3, dtype=torch.float64))
-    b = as_params(torch.ones(7, dtype=torch.float64))
+    matrix = torch.diag(torch.tensor([1.0] * 4 + [-4 / 3 + 1e-6] * 3, dtype=torch.float64)).to(device)
+    b = as_params(torch.ones(7, dtype=torch.float64).to(device))
     result = conjugate_gradient(matvec_of(matrix), b, steps=1)
     assert result.residual_norms[1] > 1e5 * result.residual_norms[0]
     assert all(v.abs().max() == 0 for v in result.x.values())

@@ -11,7 +11,7 @@ from imaml_lightning.solver import SolverConfig, Task, meta_gradient, mse_loss, 
 from imaml_lightning.solver.curvature import gauss_newton, hessian_vector_product
 from imaml_lightning.solver.algorithms import adapt
 from imaml_lightning.solver.objective import TaskLoss
-from tests.solver.test_imaml import (
+from tests.helpers import (
     closed_form_meta_gradient, flat_functions, half_mse, omniglot_like_tasks, ridge_tasks,
 )
 
@@ -25,13 +25,14 @@ def dense_gauss_newton(outputs, output_loss, flat):
 
 
 @pytest.mark.parametrize("loss_fn, out", [(F.cross_entropy, 3), (mse_loss, 2)])
-def test_gauss_newton_product_equals_the_dense_matrix(loss_fn, out):
+def test_gauss_newton_product_equals_the_dense_matrix(loss_fn, out, device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, out)).double()
-    x = torch.randn(9, 4, dtype=torch.float64)
-    y = torch.randint(out, (9,)) if loss_fn is F.cross_entropy else torch.randn(9, out, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, out)).double().to(device)
+    x = torch.randn(9, 4, dtype=torch.float64).to(device)
+    y = (torch.randint(out, (9,)) if loss_fn is F.cross_entropy
+         else torch.randn(9, out, dtype=torch.float64)).to(device)
     params, flat, unflatten, outputs, output_loss = flat_functions(model, x, y, loss_fn)
-    v = torch.randn_like(flat)
+    v = torch.randn(flat.shape, dtype=flat.dtype).to(device)
     expected = dense_gauss_newton(outputs, output_loss, flat) @ v
     product = gauss_newton(lambda p: functional_call(model, p, (x,)), output_loss, params)
     got = torch.cat([t.flatten() for t in product(unflatten(v)).values()])
@@ -42,30 +43,30 @@ def test_gauss_newton_product_equals_the_dense_matrix(loss_fn, out):
     assert torch.linalg.norm(exact - expected) > 1e-3 * torch.linalg.norm(expected)
 
 
-def test_gauss_newton_product_with_batch_norm_couples_the_batch():
+def test_gauss_newton_product_with_batch_norm_couples_the_batch(device):
     """BatchNorm with batch statistics makes every output depend on every image: J is the
     Jacobian of the whole batch's outputs, and the product must still equal J^T H_out J."""
     torch.manual_seed(1)
-    model = ConvNet(3, hidden=3, depth=2, image_size=6).double()
-    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
-    y = torch.arange(3).repeat(2)
+    model = ConvNet(3, hidden=3, depth=2, image_size=6).double().to(device)
+    x = torch.randn(6, 1, 6, 6, dtype=torch.float64).to(device)
+    y = torch.arange(3).repeat(2).to(device)
     params, flat, unflatten, outputs, output_loss = flat_functions(model, x, y, F.cross_entropy)
-    v = torch.randn_like(flat)
+    v = torch.randn(flat.shape, dtype=flat.dtype).to(device)
     expected = dense_gauss_newton(outputs, output_loss, flat) @ v
     product = gauss_newton(lambda p: functional_call(model, p, (x,)), output_loss, params)
     got = torch.cat([t.flatten() for t in product(unflatten(v)).values()])
     assert torch.linalg.norm(got - expected) <= 1e-10 * torch.linalg.norm(expected)
 
 
-def test_forward_difference_gauss_newton_is_close_to_the_exact_product():
+def test_forward_difference_gauss_newton_is_close_to_the_exact_product(device):
     """J v as a forward difference of the logits: within a few percent on a ReLU conv net with
     BatchNorm in float32, and not identical (it is an approximation)."""
     torch.manual_seed(0)
-    model = ConvNet(5, hidden=16)
-    tasks = omniglot_like_tasks(tasks=4)
+    model = ConvNet(5, hidden=16).to(device)
+    tasks = omniglot_like_tasks(tasks=4, device=device)
     fn = TaskLoss(model, F.cross_entropy)
     theta = {k: v.detach() for k, v in model.named_parameters()}
-    v = {k: torch.randn_like(p) for k, p in theta.items()}
+    v = {k: torch.randn(p.shape).to(device) for k, p in theta.items()}
     flat = lambda d: torch.cat([t.flatten() for t in d.values()])  # noqa: E731
     for i in range(4):
         x, y = tasks.support_x[i], tasks.support_y[i]
@@ -75,11 +76,11 @@ def test_forward_difference_gauss_newton_is_close_to_the_exact_product():
         assert 0 < error < 0.05
 
 
-def test_gauss_newton_equals_the_hessian_on_a_linear_model():
-    model = nn.Linear(6, 1, bias=False).double()
-    task = Task(*(t[0] for t in ridge_tasks(tasks=1)))
+def test_gauss_newton_equals_the_hessian_on_a_linear_model(device):
+    model = nn.Linear(6, 1, bias=False).double().to(device)
+    task = Task(*(t[0] for t in ridge_tasks(tasks=1, device=device)))
     params = {k: v.detach() for k, v in model.named_parameters()}
-    v = {"weight": torch.randn(1, 6, dtype=torch.float64)}
+    v = {"weight": torch.randn(1, 6, dtype=torch.float64).to(device)}
     fn = TaskLoss(model, half_mse)
     ggn = fn.curvature("gauss_newton", task.support_x, task.support_y)(params)(v)
     exact = fn.curvature("hessian", task.support_x, task.support_y)(params)(v)
@@ -88,11 +89,11 @@ def test_gauss_newton_equals_the_hessian_on_a_linear_model():
 
 @pytest.mark.parametrize("curvature", ["gauss_newton", "gauss_newton_fd"])
 @pytest.mark.parametrize("inner_solver, steps, lr", [("gd", 3000, 0.3), ("hf", 20, 1.0)])
-def test_ridge_closed_form_holds_with_gauss_newton(inner_solver, steps, lr, curvature):
+def test_ridge_closed_form_holds_with_gauss_newton(inner_solver, steps, lr, curvature, device):
     torch.manual_seed(0)
-    model = nn.Linear(6, 1, bias=False).double()
+    model = nn.Linear(6, 1, bias=False).double().to(device)
     params = dict(model.named_parameters())
-    tasks = ridge_tasks()
+    tasks = ridge_tasks(device=device)
     config = SolverConfig(lam=0.7, inner_steps=steps, inner_lr=lr, cg_steps=20, hf_cg_steps=10,
                          inner_solver=inner_solver, curvature=curvature)
     result = meta_gradient(model, params, tasks, half_mse, config)
@@ -103,13 +104,13 @@ def test_ridge_closed_form_holds_with_gauss_newton(inner_solver, steps, lr, curv
     assert error <= 1e-6
 
 
-def test_cg_on_the_gauss_newton_system_never_meets_negative_curvature():
+def test_cg_on_the_gauss_newton_system_never_meets_negative_curvature(device):
     """A ReLU conv net a few inner steps from theta, small lambda: the exact system I + H/lam is
     indefinite for some tasks; I + G/lam >= I never is, and CG runs every step."""
     torch.manual_seed(0)
-    model = ConvNet(5, hidden=16)
+    model = ConvNet(5, hidden=16).to(device)
     params = dict(model.named_parameters())
-    tasks = omniglot_like_tasks(tasks=8, queries=2)
+    tasks = omniglot_like_tasks(tasks=8, queries=2, device=device)
     settings = dict(lam=0.05, inner_steps=3, inner_lr=0.3, cg_steps=8)
     exact = meta_gradient(model, params, tasks, F.cross_entropy,
                           SolverConfig(**settings, curvature="hessian"))
@@ -126,18 +127,18 @@ def signed_square_loss(output, y):
     return 0.5 * (y * output.pow(2)).mean()
 
 
-def test_a_task_whose_cg_returns_x0_contributes_its_first_order_term():
+def test_a_task_whose_cg_returns_x0_contributes_its_first_order_term(device):
     """A concave support loss makes I + H/lam negative definite: CG stops at its first step
     with x = x0 = 0. The task is flagged and contributes grad L(phi; Q), not zero; a convex task
     beside it keeps its CG solution."""
-    model = nn.Linear(3, 1, bias=False).double()
+    model = nn.Linear(3, 1, bias=False).double().to(device)
     theta = {k: v.detach() for k, v in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64).to(device)
     fn = TaskLoss(model, signed_square_loss)
     config = SolverConfig(lam=0.1, inner_steps=0, cg_steps=10, curvature="hessian")
     for sign, stalled in ((-1.0, True), (1.0, False)):
-        y = torch.full((20, 1), sign, dtype=torch.float64)
+        y = torch.full((20, 1), sign, dtype=torch.float64, device=device)
         task = Task(x, y, x + 1, torch.ones_like(y))
         gradient, diagnostics = task_meta_gradient(fn, theta, task, config)
         assert bool(diagnostics["cg_returned_start"]) is stalled
@@ -146,26 +147,27 @@ def test_a_task_whose_cg_returns_x0_contributes_its_first_order_term():
             assert diagnostics["cg_negative_curvature"]
             torch.testing.assert_close(gradient["weight"], query_grad["weight"])
         else:  # the exact solve of (I + X^T X / (n lam)) g = grad L(theta; Q)
-            A = torch.eye(3, dtype=torch.float64) + x.T @ x / (20 * 0.1)
+            A = torch.eye(3, dtype=torch.float64, device=device) + x.T @ x / (20 * 0.1)
             expected = torch.linalg.solve(A, query_grad["weight"].T).T
             torch.testing.assert_close(gradient["weight"], expected)
 
 
-def tanh_regression(seed=0):
+def tanh_regression(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).double().to(device)
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(2, 10, 1, generator=g, dtype=torch.float64) * 4 - 2
+    x = (torch.rand(2, 10, 1, generator=g, dtype=torch.float64) * 4 - 2).to(device)
     task = Task(x[0], torch.sin(2 * x[0]), x[1], torch.sin(2 * x[1]) + 0.3)
     return model, task
 
 
 @pytest.mark.parametrize("inner_solver, steps, lr", [("gd", 1000, 0.3), ("hf", 12, 1.0)])
-def test_meta_gradient_matches_finite_differences_on_a_nonlinear_network(inner_solver, steps, lr):
+def test_meta_gradient_matches_finite_differences_on_a_nonlinear_network(inner_solver, steps, lr,
+                                                                        device):
     """On a tanh network H depends on phi: a Hessian taken anywhere but at phi* (at theta, say)
     passes the ridge tests but not this one. Inner problem solved to ||grad G|| <= 1e-10, then the
     meta-gradient against central differences of theta -> L(phi*(theta); Q)."""
-    model, task = tanh_regression()
+    model, task = tanh_regression(device=device)
     fn = TaskLoss(model, mse_loss)
     theta = {k: v.detach() for k, v in model.named_parameters()}
     size = sum(v.numel() for v in theta.values())
@@ -182,7 +184,7 @@ def test_meta_gradient_matches_finite_differences_on_a_nonlinear_network(inner_s
 
     eps = 1e-4
     flat_theta = torch.cat([v.flatten() for v in theta.values()])
-    shifts = torch.cat([torch.eye(size), -torch.eye(size)]).double() * eps
+    shifts = torch.cat([torch.eye(size), -torch.eye(size)]).double().to(device) * eps
     shifted = {k: v for k, v in zip(theta, (flat_theta + shifts).split([v.numel() for v in theta.values()], -1))}
     shifted = {k: v.reshape(-1, *theta[k].shape) for k, v in shifted.items()}
     losses, norms = vmap(query_loss_at_minimizer)(shifted)
