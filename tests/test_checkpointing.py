@@ -98,6 +98,7 @@ def wait_for(process, log_dir, tag: str, count: int, timeout: float = 180) -> No
     raise AssertionError("training did not progress")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_the_step_and_resuming_matches_an_uninterrupted_run(tmp_path, stop_signal):
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"

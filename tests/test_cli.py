@@ -134,6 +134,7 @@ def test_baselines_inner_solvers_and_curvatures_train_through_the_cli(
     assert all(v >= 0 for _, v in logged["train/inner_rejected_steps"])
 
 
+@pytest.mark.slow
 def test_compiled_solver_trains_as_the_eager_one(workdir, omniglot_root, cache_dir):
     """--model.compile_solver: the same meta-steps as eager (to float32 rounding: Inductor sums
     in another order), and a resumed run keeps compiling."""

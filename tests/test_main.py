@@ -48,6 +48,7 @@ def test_both_entry_points_evaluate_alike(trained, subcommand):
     assert script == module and len(script) == 1 and "after 2 meta-steps" in script[0]
 
 
+@pytest.mark.slow
 def test_both_entry_points_reach_report_and_predict(trained):
     for entry in ENTRY_POINTS:
         run(entry, trained, "report", "lightning_logs", "--out", entry)

@@ -4,11 +4,14 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.helpers import RESUME_RUN, assert_same_tree, cli_command, cli_env, load, run_cli, scalars
 
 RUN = RESUME_RUN
 
 
+@pytest.mark.slow
 def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     straight.mkdir(), halves.mkdir()

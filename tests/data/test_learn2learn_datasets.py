@@ -248,6 +248,7 @@ def test_an_unknown_name_lists_the_known_ones():
         Learn2LearnDataModule(name="imagenet-21k")
 
 
+@pytest.mark.slow
 def test_cross_domain_test_records_the_dataset(tmp_path, workdir):
     """Meta-train on (fake) Mini-ImageNet, test on (fake) CUB with the cross-domain config, which
     takes the network (here 8 channels, not the Mini-ImageNet config's 32) from the checkpoint."""
