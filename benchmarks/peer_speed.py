@@ -30,7 +30,6 @@ Usage: python -m benchmarks.peer_speed [--rounds 7] [--compiled gauss_newton hes
 import argparse
 import copy
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from benchmarks.common import (
     OMNIGLOT_ROOT, PEER_ROOT, QUICK_HELP, alternating_rounds, machine, markdown_table, seconds_of_one_call,
 )
+from benchmarks.peers import AuthorsIMAML, PeerMissing, import_authors_code
 from benchmarks.solver_speed import QUICK, REFERENCE, Sizes
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.images import to_unit_range
@@ -57,33 +57,9 @@ def omniglot_tasks(root: str, count: int, seed: int = 0) -> Task:
 
 
 def peer_iteration(peer, net: torch.nn.Module, tasks: Task, sizes: Sizes):
-    """One meta-iteration of the authors' script, as they wrote it, on a copy of `net`."""
-    learner_model, utils = peer
-    meta = learner_model.Learner(net, torch.nn.CrossEntropyLoss(), inner_lr=INNER_LR,
-                                 outer_lr=OUTER_LR, GPU=False)
-    fast = learner_model.Learner(copy.deepcopy(net), torch.nn.CrossEntropyLoss(),
-                                 inner_lr=INNER_LR, outer_lr=OUTER_LR, GPU=False)
-    lam = torch.tensor(LAM)
-    peer_tasks = [{"x_train": tasks.support_x[i], "y_train": tasks.support_y[i],
-                   "x_val": tasks.query_x[i], "y_val": tasks.query_y[i]} for i in range(sizes.meta_batch)]
-
-    def run():
-        w_k = meta.get_params()
-        meta_grad = 0.0
-        for task in peer_tasks:
-            fast.set_params(w_k.clone())
-            fast.learn_task(task, num_steps=sizes.k)
-            fast.inner_opt.zero_grad()  # their "pull back" step on the proximal term
-            fast.regularization_loss(w_k, lam).backward()
-            fast.inner_opt.step()
-            valid_loss = fast.get_loss(task["x_val"], task["y_val"])
-            valid_grad = torch.autograd.grad(valid_loss, fast.model.parameters())
-            flat_grad = torch.cat([g.contiguous().view(-1) for g in valid_grad])
-            evaluator = fast.matrix_evaluator(task, lam, 1.0)
-            meta_grad += utils.cg_solve(evaluator, flat_grad, sizes.cg, x_init=None) / sizes.meta_batch
-        meta.outer_step_with_grad(meta_grad, flat_grad=True)
-
-    return run
+    """One meta-iteration of the authors' script, as they wrote it, on `net`."""
+    authors = AuthorsIMAML(peer, WAYS, sizes.k, sizes.cg, LAM, INNER_LR, OUTER_LR, net=net)
+    return lambda: authors.meta_step(tasks)
 
 
 def our_iteration(net: torch.nn.Module, tasks: Task, curvature: str, sizes: Sizes, compile: bool = False):
@@ -103,15 +79,14 @@ def our_iteration(net: torch.nn.Module, tasks: Task, curvature: str, sizes: Size
 
 
 def main(args) -> None:
-    peer_root = Path(args.peer)
-    if not (peer_root / "implicit_maml" / "learner_model.py").is_file():
-        print(f"skipped: the authors' code is not at {peer_root} (see ../shared/peers/imaml_dev/ORIGIN.md)")
+    try:
+        learner_model, utils = import_authors_code(args.peer)
+    except PeerMissing as missing:
+        print(f"skipped: {missing}")
         return
     if not (Path(args.omniglot_root) / "images_background").is_dir():
         print(f"skipped: no Omniglot at {args.omniglot_root}")
         return
-    sys.path.insert(0, str(peer_root))
-    from implicit_maml import learner_model, utils  # the authors' code, unmodified
 
     sizes = QUICK if args.quick else REFERENCE
     torch.manual_seed(0)

@@ -122,6 +122,7 @@ def run_cell(cell: Path, command: list, minutes: float, config: str) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     planned = plan(cell, command, minutes, config)
+    minutes = planned["minutes"]  # the plan's: None for a plan of fixed steps (--steps-of)
     resume = ["--ckpt_path", "last"] if list((cell / "checkpoints").glob("last*.ckpt")) else []
     budget = []
     if minutes is not None:

@@ -2,6 +2,7 @@
 
 Each runs as a user runs it, `python -m benchmarks.NAME` with its default data folders, from an
 empty folder and with a cache of the session's own (XDG_CACHE_HOME), never the user's."""
+import json
 import os
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def test_table2_leaves_the_results_alone(run, omniglot_root):
     out = run("benchmarks.table2", "--quick")
     assert "| 5w1s | imaml-gd |" in out
     assert {p: p.stat().st_mtime for p in results.rglob("*")} == before
+
+
+@pytest.mark.slow
+def test_table2_seed_trains_the_steps_of_seed_0_without_a_time_limit(run, omniglot_root, tmp_path):
+    out = str(tmp_path / "table")
+    run("benchmarks.table2", "--quick", "--out", out)
+    seed_0 = json.loads((tmp_path / "table" / "5w1s_imaml-gd" / "result.json").read_text())
+    printed = run("benchmarks.table2", "--quick", "--seed", "1", "--steps-of", out, "--out", out)
+    (fit,) = [line for line in printed.splitlines() if line.startswith("$") and " fit " in line]
+    assert "--seed_everything 1" in fit and "--trainer.max_time" not in fit
+    assert f"--trainer.max_steps {seed_0['meta_steps']} " in fit
+    seed_1 = json.loads((tmp_path / "table" / "5w1s_imaml-gd_seed1" / "result.json").read_text())
+    assert seed_1["meta_steps"] == seed_0["meta_steps"]
+    assert "Over seeds:" in printed and "| 5w1s | imaml-gd | 2 |" in printed
 
 
 @pytest.mark.slow
