@@ -98,8 +98,18 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())
+
+
 def machine() -> str:
-    return (f"{date.today()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+    return (f"{date.today()}, {cpu_model()}, {os.cpu_count()} CPU cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 

@@ -9,6 +9,7 @@ meta-batch (a Task of stacked tensors), `accuracy(task)`, its own test procedure
 episode (% of the query images right), and `state()` / `load(state)` for its best weights.
 """
 import copy
+import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -137,7 +138,7 @@ class Learn2LearnMAML:
 def learn2learn_missing() -> Optional[str]:
     """Why learn2learn's MAML cannot run here, or None."""
     try:
-        import learn2learn  # noqa: F401
+        importlib.import_module("learn2learn")
     except ImportError as error:
         return f"learn2learn does not import ({error}); bash scripts/install.sh builds it"
     return None

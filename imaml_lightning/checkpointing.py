@@ -111,3 +111,24 @@ class RunCheckpoint(ModelCheckpoint):
             if not mark_step:
                 set_last_saved_step(self, saved_step)
         self._last_write = time.monotonic()
+
+
+# What `validate`, `test` and `predict` read from a checkpoint: the weights, the settings that
+# rebuild the network and solver, and the bookkeeping Lightning checks on load.
+SHAREABLE_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "run_settings",
+                  "run_settings_version", "global_step", "epoch", "pytorch-lightning_version")
+
+
+def shareable(checkpoint: dict, **settings) -> dict:
+    """A checkpoint to give away: weights and settings only (no optimizer state, loops or
+    callbacks: a third of the size, and nothing of the machine it trained on), with `settings`
+    over its run settings (e.g. data.init_args.root). It validates, tests and predicts; it
+    cannot resume training."""
+    kept = {key: checkpoint[key] for key in SHAREABLE_KEYS if key in checkpoint}
+    unknown = set(settings) - set(kept.get("run_settings", {}))
+    require(not unknown, "settings", sorted(unknown), "must be run settings of the checkpoint")
+    return {**kept, "run_settings": {**kept.get("run_settings", {}), **settings}}
+
+
+def resumable(checkpoint: dict) -> bool:
+    return "optimizer_states" in checkpoint and "loops" in checkpoint

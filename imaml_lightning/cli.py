@@ -14,7 +14,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from imaml_lightning.allocator import keep_freed_memory
 from imaml_lightning.charts import TrainingCharts
-from imaml_lightning.checkpointing import RunCheckpoint
+from imaml_lightning.checkpointing import RunCheckpoint, resumable
 from imaml_lightning.compat import ConfigFileCheckpointHook
 from imaml_lightning.data import EpisodicDataModule
 from imaml_lightning.data.learn2learn_datasets import LEARN2LEARN_NAMES
@@ -79,6 +79,9 @@ class IMAMLCLI(ConfigFileCheckpointHook, LightningCLI):
             checkpoint = last and torch.load(last, map_location="cpu", weights_only=False, mmap=True)
         if checkpoint:
             check_checkpoint_fits(checkpoint, self.model.state_dict(), settings_of(self.config[subcommand]))
+            require(subcommand != "fit" or resumable(checkpoint), "ckpt_path", self.config[subcommand].get("ckpt_path"),
+                    "holds weights and settings only (a shared model, e.g. models/*.ckpt): validate, "
+                    "test and predict take it, fit cannot resume from it")
 
     def parse_arguments(self, parser, args) -> None:
         """The model settings of a run given a checkpoint (its network included): the config

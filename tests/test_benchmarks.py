@@ -4,6 +4,7 @@ Each runs as a user runs it, `python -m benchmarks.NAME` with its default data f
 empty folder and with a cache of the session's own (XDG_CACHE_HOME), never the user's."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,27 @@ def test_peer_speed(run, omniglot_root, peer_code):
 
 
 @pytest.mark.slow
+def test_peer_accuracy(run, omniglot_root, peer_code):
+    out = run("benchmarks.peer_accuracy", "--quick", "--arms", "authors' iMAML", "learn2learn MAML", "ours")
+    for arm in ("authors' iMAML", "learn2learn MAML", "ours"):
+        assert f"| 5w1s | {arm} |" in out, out
+    assert out.count("| transductive |") == 3 and "plot: " in out
+
+
+def test_peer_accuracy_bad_input(env, tmp_path, omniglot_root):
+    def run_module(*args):
+        return subprocess.run([sys.executable, "-m", "benchmarks.peer_accuracy", "--quick", *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    missing_peer = run_module("--peer", str(tmp_path / "nowhere"), "--arms", "authors' iMAML")
+    assert "skipped authors' iMAML: the authors' code is not at " in missing_peer.stdout
+    assert missing_peer.returncode != 0 and "Traceback" not in missing_peer.stderr
+    no_data = run_module("--omniglot-root", str(tmp_path / "nowhere"))
+    assert no_data.returncode != 0 and "Traceback" not in no_data.stderr
+    assert no_data.stderr.strip().splitlines()[-1].startswith("error: --omniglot-root=")
+
+
+@pytest.mark.slow
 def test_data_pipeline(run, omniglot_root):
     out = run("benchmarks.data_pipeline", "--quick")
     assert "| 5-way 1-shot, 5 queries |" in out and "| cifarfs |" in out
@@ -87,18 +109,13 @@ def test_use_your_model(run, omniglot_root):
 
 
 @pytest.mark.slow
-def test_table2_leaves_the_results_alone(run, omniglot_root):
+def test_table2_seed_trains_the_steps_of_seed_0_without_a_time_limit_and_its_model_ships(run, omniglot_root, tmp_path):
+    """table2 --quick (the repository's results left alone), then seed 1 of its cell with
+    --steps-of, then ship_models --quick on the seed-0 cell."""
     results = REPO / "benchmarks" / "results" / "table2"
     before = {p: p.stat().st_mtime for p in results.rglob("*")}
-    out = run("benchmarks.table2", "--quick")
-    assert "| 5w1s | imaml-gd |" in out
-    assert {p: p.stat().st_mtime for p in results.rglob("*")} == before
-
-
-@pytest.mark.slow
-def test_table2_seed_trains_the_steps_of_seed_0_without_a_time_limit(run, omniglot_root, tmp_path):
     out = str(tmp_path / "table")
-    run("benchmarks.table2", "--quick", "--out", out)
+    assert "| 5w1s | imaml-gd |" in run("benchmarks.table2", "--quick", "--out", out)
     seed_0 = json.loads((tmp_path / "table" / "5w1s_imaml-gd" / "result.json").read_text())
     printed = run("benchmarks.table2", "--quick", "--seed", "1", "--steps-of", out, "--out", out)
     (fit,) = [line for line in printed.splitlines() if line.startswith("$") and " fit " in line]
@@ -107,6 +124,11 @@ def test_table2_seed_trains_the_steps_of_seed_0_without_a_time_limit(run, omnigl
     seed_1 = json.loads((tmp_path / "table" / "5w1s_imaml-gd_seed1" / "result.json").read_text())
     assert seed_1["meta_steps"] == seed_0["meta_steps"]
     assert "Over seeds:" in printed and "| 5w1s | imaml-gd | 2 |" in printed
+    shipped = run("benchmarks.ship_models", "--quick", "--cells", out)  # the seed-0 cell's best
+    assert re.search(rf"\| 5w1s \| `python -m imaml_lightning fit --config configs/omniglot_5way_1shot.yaml "
+                     rf"--data.root data/omniglot .*` \| {seed_0['best_step']} \| {re.escape(seed_0['test'])}% \|",
+                     shipped), shipped
+    assert {p: p.stat().st_mtime for p in results.rglob("*")} == before
 
 
 @pytest.mark.slow

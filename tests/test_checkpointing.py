@@ -1,5 +1,6 @@
 """last.ckpt is always the latest state: after every validation, on a timer, and on a stop signal."""
 import errno
+import json
 import signal
 import subprocess
 import time
@@ -8,7 +9,10 @@ import pytest
 import torch
 
 from imaml_lightning import checkpoint_io
+from imaml_lightning.checkpointing import SHAREABLE_KEYS, resumable, shareable
 from imaml_lightning.cli import main
+from imaml_lightning.errors import SettingError
+from imaml_lightning.predict import main as predict
 from tests.helpers import (
     RESUME_RUN as RUN, assert_same_tree, cli_command, cli_env, load, run_cli, scalars)
 
@@ -141,3 +145,29 @@ def test_a_file_that_is_no_checkpoint_of_ours_is_one_error(workdir, subcommand):
         with pytest.raises(SystemExit) as exit_info:
             main([subcommand, *SINUSOID, "--ckpt_path", name])
         assert str(exit_info.value.code).startswith(f"error: ckpt_path='{name}' is invalid: {message}")
+
+
+def test_a_shareable_checkpoint_tests_and_predicts_as_the_full_one_and_cannot_resume(workdir):
+    main(["fit", *SINUSOID, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"])
+    full = load(workdir / "checkpoints/last.ckpt")
+    shared = shareable(full, **{"data.init_args.num_workers": 0})
+    assert set(shared) == set(SHAREABLE_KEYS) and not resumable(shared) and resumable(full)
+    torch.save(shared, workdir / "shared.ckpt")
+    assert (workdir / "shared.ckpt").stat().st_size < 0.5 * (workdir / "checkpoints/last.ckpt").stat().st_size
+    for name in ("checkpoints/last.ckpt", "shared.ckpt"):
+        main(["test", *SINUSOID, "--ckpt_path", name])
+    (first, second) = sorted(workdir.rglob("test_result.json"), key=lambda p: p.stat().st_mtime)
+    score = lambda path: [json.loads(path.read_text())[k] for k in ("mean", "ci95", "episodes")]  # noqa: E731
+    assert score(first) == score(second)
+    (workdir / "support.csv").write_text("0.5,0.4\n1.0,0.8\n2.0,0.9\n")
+    (workdir / "query.csv").write_text("0.7\n1.5\n")
+    for name in ("checkpoints/last.ckpt", "shared.ckpt"):
+        predict(["--ckpt_path", name, "--support", "support.csv", "--query", "query.csv",
+                 "--out", name.replace("/", "_") + ".csv"])
+    assert (workdir / "shared.ckpt.csv").read_text() == (workdir / "checkpoints_last.ckpt.csv").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SINUSOID, "--ckpt_path", "shared.ckpt"])
+    assert str(exit_info.value.code).startswith("error: ckpt_path='shared.ckpt' is invalid: holds "
+                                                "weights and settings only")
+    with pytest.raises(SettingError, match="settings=.*must be run settings of the checkpoint"):
+        shareable(full, **{"data.init_args.rooot": "x"})
