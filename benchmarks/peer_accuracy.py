@@ -8,14 +8,20 @@ Arms, one after another (never two at once: they share the CPU):
   with that example's settings, tested with its own clone()/adapt();
 - "ours" and "ours, compiled": the shipped config of the setting (`--model.compile_solver true`
   for the second), trained and tested by the command line as table2 does.
-Each arm trains for M minutes of wall time, validation included, validating 8 times on the
-setting's 200 validation episodes; then the weights that validated best are tested on the
-setting's 600 test episodes. Every arm draws its training tasks from our sampler (paper split,
-the same images); validation and test episodes are the shipped config's, the same for all.
+Each arm trains for M minutes of wall time, validation included (a peer keeps the length of its
+last validation free at the end), validating 8 times on the setting's 200 validation episodes;
+then the weights that validated best are tested on the setting's 600 test episodes, ours with
+the training's inner steps or twice as many, whichever validated better (as table2 reports a
+cell). Every arm draws its training tasks from our sampler (paper split, the same images; bright
+strokes on black, as learn2learn's loader gives them and the authors' gives the inverse: their
+first BatchNorm makes the two equivalent); the peers train with as many queries as shots, as
+their scripts do. Validation and test episodes are the shipped config's, the same for all (5
+queries per class on 5-way, 3 on 20-way, where the peers' scripts test with as many as shots).
 BatchNorm uses the query batch's statistics at test in every arm (transductive; each network's
 own BatchNorm does so). Prints a Markdown table and draws validation accuracy against minutes
-(one panel per setting). Each arm keeps its result.json under --out/<setting>_<arm>: rerunning
-the command skips finished arms (a killed peer arm starts again; ours resumes as table2 does).
+(one panel per setting). Each arm keeps its arm.json under --out/<setting>_<arm>: rerunning
+the command skips finished arms (with the same minutes and seed; a killed peer arm starts
+again, ours resumes as table2 does).
 
 Usage: python -m benchmarks.peer_accuracy [--minutes M] [--settings 5w1s 20w1s] [--arms ...]
        [--out benchmarks/results/peer_accuracy] [--peer ../shared/peers/imaml_dev]
@@ -23,11 +29,14 @@ Usage: python -m benchmarks.peer_accuracy [--minutes M] [--settings 5w1s 20w1s] 
        python -m benchmarks.peer_accuracy --quick   (seconds per arm, tiny sizes, a temporary folder)
 """
 import argparse
+import itertools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -65,14 +74,12 @@ def evaluation_episodes(setting: str, root: str, sizes: dict) -> dict:
 
 
 def training_stream(setting: str, root: str, meta_batch: int, seed: int):
-    """Endless meta-batches from our sampler, with the peers' own query count (= shots)."""
+    """Endless meta-batches from our sampler, with the peers' own query count (= shots). The
+    sampler is built here, before the clock starts (ours builds its own before training too)."""
     data = {**data_settings(setting), "root": root, "download": False}
     data = OmniglotDataModule(**{**data, "queries": data["shots"]})
     stream = EpisodeStream(data.make_sampler(), seed, meta_batch)
-    step = 0
-    while True:
-        yield Task(*to_unit_range(stream.meta_batch(step)))
-        step += 1
+    return (Task(*to_unit_range(stream.meta_batch(step))) for step in itertools.count())
 
 
 def summary(peer, tasks: list) -> tuple:
@@ -89,12 +96,16 @@ def train_peer(peer, setting: str, args, sizes: dict) -> dict:
     evaluation = evaluation_episodes(setting, args.omniglot_root, sizes)
     stream = training_stream(setting, args.omniglot_root, sizes.get("meta_batch", PEER_META_BATCH), args.seed)
     budget, curve, best, steps = minutes(args, setting) * 60, [], (-1.0, None, 0), 0
+    validation_seconds = 0.0  # the last validation's, kept free at the end of the budget
     start = time.perf_counter()
     for validation in range(1, VALIDATIONS + 1):
-        while time.perf_counter() - start < budget * validation / VALIDATIONS:
+        end = budget * validation / VALIDATIONS - (validation_seconds if validation == VALIDATIONS else 0)
+        while time.perf_counter() - start < end:
             peer.meta_step(next(stream))
             steps += 1
+        validation_start = time.perf_counter()
         accuracy, ci = summary(peer, evaluation["val"])
+        validation_seconds = time.perf_counter() - validation_start
         curve.append((round((time.perf_counter() - start) / 60, 2), accuracy))
         print(f"    val acc = {accuracy} ± {ci}% after {steps} meta-steps, {curve[-1][0]} min", flush=True)
         if accuracy > best[0]:
@@ -102,12 +113,14 @@ def train_peer(peer, setting: str, args, sizes: dict) -> dict:
     peer.load(best[1])
     accuracy, ci = summary(peer, evaluation["test"])
     return {"meta_steps": steps, "fit_minutes": curve[-1][0], "best_step": best[2],
-            "test": f"{accuracy} ± {ci}", "curve": curve, "network": peer.network}
+            "test": f"{accuracy} ± {ci}", "evaluation": peer.evaluation, "curve": curve,
+            "network": peer.network}
 
 
 def make_peer(arm: str, setting: str, args, sizes: dict):
     ways = data_settings(setting)["ways"]
     torch.manual_seed(args.seed)
+    np.random.seed(args.seed)  # learn2learn's initialization draws from NumPy (scipy's truncnorm)
     if arm == "authors' iMAML":
         steps = sizes.get("inner_steps", AUTHORS_INNER_STEPS[ways])
         return AuthorsIMAML(import_authors_code(args.peer), ways, steps, sizes.get("cg_steps", 5))
@@ -121,15 +134,26 @@ def run_ours(arm: str, setting: str, cell: Path, args) -> dict:
     if arm == "ours, compiled":
         command += ["--model.compile_solver", "true"]
     result = table2.run_cell(cell, command, minutes(args, setting), table2.SETTINGS[setting][0])
+    # As table2 reports a cell: tested with the training's inner steps or twice as many,
+    # whichever validated better (on 20-way, 10 GD steps do not reach the inner minimizer).
+    result = table2.evaluate_longer_adaptation(cell, command, result)
+    longer = float(result["val_longer"].split()[0]) > float(result["val"].split()[0])
     times, accuracy = table2.validation_curve(cell)
-    return {**result, "curve": list(zip(times, accuracy)), "network": "ours (conv-4, ConvNet)"}
+    return {**result, "test": result["test_longer"] if longer else result["test"],
+            "evaluation": f"{result['longer_inner_steps'] if longer else result['longer_inner_steps'] // 2} "
+                          "inner steps, chosen by validation",
+            "curve": list(zip(times, accuracy)), "network": "ours (conv-4, ConvNet)"}
 
 
 def run_arm(arm: str, setting: str, args, sizes: dict):
     cell = Path(args.out) / f"{setting}_{arm.replace(' ', '-').replace(',', '').replace(chr(39), '')}"
     done = cell / "arm.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        recorded = json.loads(done.read_text())
+        if (recorded["minutes"], recorded["seed"]) != (minutes(args, setting), args.seed):
+            sys.exit(f"error: {cell} holds a run of {recorded['minutes']} minutes with seed "
+                     f"{recorded['seed']}: choose another --out for other minutes or seeds")
+        return recorded
     print(f"{setting}, {arm}: {minutes(args, setting)} minutes", flush=True)
     try:
         result = (run_ours(arm, setting, cell, args) if arm.startswith("ours")
@@ -138,8 +162,8 @@ def run_arm(arm: str, setting: str, args, sizes: dict):
         print(f"skipped {arm}: {missing}")
         return None
     cell.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps({"arm": arm, "setting": setting, "minutes": minutes(args, setting), **result},
-                               indent=2) + "\n")
+    done.write_text(json.dumps({"arm": arm, "setting": setting, "minutes": minutes(args, setting),
+                                "seed": args.seed, **result}, indent=2) + "\n")
     return result
 
 
@@ -174,13 +198,13 @@ def main(args, sizes: dict) -> None:
     if not results:
         raise SystemExit("no arm ran (see the lines above)")
     rows = [[setting, arm, result["network"], f"{result['meta_steps']} (best {result['best_step']})",
-             result["fit_minutes"], f"{result['test']}%", "transductive"]
+             result["fit_minutes"], result["evaluation"], f"{result['test']}%", "transductive"]
             for (setting, arm), result in results.items()]
     report = (f"{machine()}\nOmniglot, paper split, our episodes for every arm; test on the "
               "weights that validated best, the shipped config's fixed test episodes (the same "
               "for every arm), mean ± 95% CI\n\n"
               + markdown_table(["setting", "method", "network", "meta-steps", "fit minutes",
-                                "test acc", "BatchNorm at test"], rows))
+                                "adaptation at test", "test acc", "BatchNorm at test"], rows))
     print(f"\n{report}")
     (Path(args.out) / "peer_accuracy.md").write_text(report + "\n")
     plot(results, Path(args.out) / "peer_accuracy.png")
@@ -210,7 +234,7 @@ if __name__ == "__main__":
     args.omniglot_root = str(Path(args.omniglot_root).resolve())
     if args.quick:
         args.settings, args.extra = args.settings[:1], TINY_OMNIGLOT
-        args.minutes = args.minutes or 0.05
+        args.minutes = args.minutes or 0.1
         quick_sizes = {"val": 4, "test": 8, "meta_batch": 2, "inner_steps": 2, "cg_steps": 2}  # as TINY_OMNIGLOT
         with tempfile.TemporaryDirectory() as folder:
             args.out = str(Path(args.out or folder).resolve())

@@ -59,6 +59,7 @@ class AuthorsIMAML:
         self.fast = learner_model.Learner(copy.deepcopy(net), loss, inner_lr=inner_lr,
                                           outer_lr=outer_lr, GPU=False)
         self.inner_steps, self.cg_steps, self.lam = inner_steps, cg_steps, torch.tensor(lam)
+        self.evaluation = f"{inner_steps} GD steps of {inner_lr}, no proximal term (their measure_accuracy.py)"
 
     def meta_step(self, tasks: Task) -> None:
         """Their script's loop body, without its diagnostics (losses and accuracies before and
@@ -109,6 +110,7 @@ class Learn2LearnMAML:
         self.optimizer = torch.optim.Adam(self.maml.parameters(), meta_lr)
         self.loss = torch.nn.CrossEntropyLoss(reduction="mean")
         self.adaptation_steps = adaptation_steps
+        self.evaluation = f"{adaptation_steps} adapt() step of {fast_lr} (its fast_adapt)"
 
     def adapted_predictions(self, support_x, support_y, query_x) -> torch.Tensor:
         learner = self.maml.clone()

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,11 +64,14 @@ def ship(name: str, setting: str, cell: Path, out: Path, root: str, extra: list)
     torch.save(shareable(checkpoint, **{"data.init_args.root": DEFAULT_ROOT}), file)
     config = table2.SETTINGS[setting][0]
     flags = ["--config", str(ROOT / "configs" / config), "--ckpt_path", str(file), "--data.root", root, *extra]
-    (full,), _ = cli("test", *flags, workdir=out)
-    (small,), _ = cli("test", *flags, "--data.init_args.test_episodes", str(SMALL_SET), workdir=out)
+    with tempfile.TemporaryDirectory() as workdir:  # their logs are not kept
+        (full,), _ = cli("test", *flags, workdir=Path(workdir))
+        (small,), _ = cli("test", *flags, "--data.init_args.test_episodes", str(SMALL_SET),
+                          workdir=Path(workdir))
     test = f"{full[2]} ± {full[3]}"
     if test != result["test"]:
-        print(f"    note: {name} tests {test}%, its cell recorded {result['test']}%")
+        file.unlink()
+        sys.exit(f"error: {name} tests {test}%, its cell recorded {result['test']}%: not shipped")
     return {"file": file.name, "config": f"configs/{config}", "setting": setting,
             "trained_by": training_command(cell), "meta_steps": checkpoint["global_step"],
             "test": test, "small_set": {"episodes": SMALL_SET, "acc": small[2]},

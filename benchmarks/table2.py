@@ -25,6 +25,7 @@ Usage: python -m benchmarks.table2 [--minutes M] [--settings 5w1s 20w1s ...]
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -122,7 +123,9 @@ def run_cell(cell: Path, command: list, minutes: float, config: str) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     planned = plan(cell, command, minutes, config)
-    minutes = planned["minutes"]  # the plan's: None for a plan of fixed steps (--steps-of)
+    if planned["minutes"] != minutes:
+        sys.exit(f"error: {cell} was planned for minutes={planned['minutes']}, not {minutes}: "
+                 "rerun it with those, or choose another --out")
     resume = ["--ckpt_path", "last"] if list((cell / "checkpoints").glob("last*.ckpt")) else []
     budget = []
     if minutes is not None:
@@ -203,13 +206,14 @@ def scalars(cell: Path, tag: str) -> list:
 
 
 def validation_curve(cell: Path) -> tuple:
-    """(minutes of fit, val/acc in %) of a cell's run(s): a resumed part continues the minutes
-    where the part before it stopped logging."""
+    """(minutes of fit, val/acc in %) of a cell's run(s), counted from each part's first event
+    (the fit's start: its hyperparameters, logged before the first meta-step, so a compiled
+    solver's compilation counts); a resumed part continues the minutes where the part before it
+    stopped logging."""
     points, offset = {}, 0.0
     for tags, log in event_logs(cell):
         if "val/acc" in tags and "train/step_seconds" in tags:
-            steps = log.Scalars("train/step_seconds")
-            start, end = steps[0].wall_time, steps[-1].wall_time
+            start, end = log.FirstEventTimestamp(), log.Scalars("train/step_seconds")[-1].wall_time
             points.update({e.step: (offset + (e.wall_time - start) / 60, 100 * e.value)
                            for e in log.Scalars("val/acc")})
             offset += (end - start) / 60
@@ -251,8 +255,10 @@ def main(args) -> None:
             name = cell_name(setting, algorithm, args.seed)
             cell = Path(args.out) / name
             command = flags(setting, algorithm, args.omniglot_root, args.extra, args.seed)
-            if args.steps_of and not (cell / "plan.json").is_file():
-                plan_of_steps(cell, Path(args.steps_of) / cell_name(setting, algorithm, 0))
+            if args.steps_of:  # no time limit: the steps of the seed-0 cell
+                minutes = None
+                if not (cell / "plan.json").is_file():
+                    plan_of_steps(cell, Path(args.steps_of) / cell_name(setting, algorithm, 0))
             evaluate_longer_adaptation(cell, command, run_cell(cell, command, minutes, config))
     # The table and the plot hold every finished cell under --out, not only this invocation's,
     # so running the settings one command at a time builds one table.

@@ -1,6 +1,7 @@
 """What several test files share: running the command line in a subprocess as a user (or a
 launcher) would, reading what a run wrote, and small data written on the fly."""
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -14,7 +15,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.func import functional_call
 
-from benchmarks.device_check import relative_distance
+from benchmarks.meta_gradients import relative_distance
+from imaml_lightning.checkpoint_io import AtomicCheckpointIO
 from imaml_lightning.solver import Task, mse_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +184,7 @@ def omniglot_like_tasks(tasks=3, ways=5, shots=1, queries=2, seed=0, device="cpu
     return Task(images(ways * shots), labels(shots), images(ways * queries), labels(queries))
 
 
-# Meta-gradients recorded step by step (benchmarks.device_check.MetaGradientRecorder).
+# Meta-gradients recorded step by step (benchmarks.meta_gradients.MetaGradientRecorder).
 def recording(folder: Path, world: int) -> list:
     """[rank][step] as MetaGradientRecorder wrote them."""
     assert sorted(p.name for p in folder.glob("rank*.pt")) == [f"rank{r}.pt" for r in range(world)]
@@ -206,3 +208,19 @@ def assert_same_meta_gradients(reference: list, ranks: list, environment: str, s
         assert all(torch.equal(s["grad"][k], v) for s in each for k, v in each[0]["grad"].items()), step
         # ... which is one process's, but for the order of the sums (5.5e-8 seen).
         assert relative_distance(each[0]["grad"], one["grad"]) <= 1e-6, step
+
+
+class RecordingCheckpointIO(AtomicCheckpointIO):
+    """The shipped checkpoint writer, noting each write in `log` (a JSON line: the writing
+    process's global rank, the file, the step), to show which processes write last.ckpt."""
+
+    def __init__(self, log: str):
+        super().__init__()
+        self.log = log
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else None
+        with open(self.log, "a") as log:
+            log.write(json.dumps({"rank": rank, "file": Path(path).name,
+                                  "step": checkpoint["global_step"]}) + "\n")

@@ -24,9 +24,9 @@ def fit(workdir, *args):
 
 
 def recorder(folder, replay=None) -> list:
-    """benchmarks.device_check.MetaGradientRecorder into `folder` (tests/test_launch.py says
+    """benchmarks.meta_gradients.MetaGradientRecorder into `folder` (tests/test_launch.py says
     what it records and why the reference replays the other run's parameters)."""
-    return ["--trainer.callbacks+=benchmarks.device_check.MetaGradientRecorder",
+    return ["--trainer.callbacks+=benchmarks.meta_gradients.MetaGradientRecorder",
             "--trainer.callbacks.out", str(folder),
             *(["--trainer.callbacks.replay", str(replay)] if replay else [])]
 

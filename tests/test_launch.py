@@ -2,7 +2,7 @@
 NODE_RANK; and the environment srun gives a 2-node SLURM job (its variables, simulated for two
 local processes). Each must train as one process does, and stop and resume as one does.
 
-"Trains as one process" is compared step by step (benchmarks.device_check.MetaGradientRecorder
+"Trains as one process" is compared step by step (benchmarks.meta_gradients.MetaGradientRecorder
 records every rank): the meta-gradient the optimizer applies, after the all-reduce, within 1e-6
 of one process's at the same parameters (the reference replays the launch's parameters at every
 step: two runs' parameters drift apart by float32 rounding, which Adam and the inner loop's
@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaml_lightning.checkpoint_io import AtomicCheckpointIO
 from tests.helpers import (
     REPO, assert_same_meta_gradients, assert_same_tree, cli_command, cli_env, load, recording, run_cli)
 
@@ -43,28 +42,12 @@ LAUNCH_VARIABLES = re.compile(r"SLURM_\w+|MASTER_ADDR|MASTER_PORT|NODE_RANK|GROU
                               r"LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|TORCHELASTIC_\w+")
 
 
-class RecordingCheckpointIO(AtomicCheckpointIO):
-    """The shipped checkpoint writer, noting each write in `log` (a JSON line: the writing
-    process's global rank, the file, the step), to show which processes write last.ckpt."""
-
-    def __init__(self, log: str):
-        super().__init__()
-        self.log = log
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        super().save_checkpoint(checkpoint, path, storage_options)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else None
-        with open(self.log, "a") as log:
-            log.write(json.dumps({"rank": rank, "file": Path(path).name,
-                                  "step": checkpoint["global_step"]}) + "\n")
-
-
 def recorded(workdir: Path, name: str) -> list:
     """Flags that record the run's meta-gradients into workdir/name and its checkpoint writes
     into workdir/name.writes (replacing the default plugins: the recorder is the writer)."""
-    plugin = {"class_path": "tests.test_launch.RecordingCheckpointIO",
+    plugin = {"class_path": "tests.helpers.RecordingCheckpointIO",
               "init_args": {"log": str(workdir / f"{name}.writes")}}
-    return ["--trainer.callbacks+=benchmarks.device_check.MetaGradientRecorder",
+    return ["--trainer.callbacks+=benchmarks.meta_gradients.MetaGradientRecorder",
             "--trainer.callbacks.out", str(workdir / name), "--trainer.plugins", json.dumps([plugin])]
 
 
@@ -153,7 +136,7 @@ def assert_trains_like_one_process(workdir: Path, launched: Path, how: str) -> N
     """The launch's recording against one process replaying its parameters at every step."""
     run_cli(workdir, "fit", *TINY_SINUSOID, "--trainer.devices", "1",
             "--trainer.max_steps", str(STEPS), "--checkpoint.dirpath", "reference_checkpoints",
-            "--trainer.callbacks+=benchmarks.device_check.MetaGradientRecorder",
+            "--trainer.callbacks+=benchmarks.meta_gradients.MetaGradientRecorder",
             "--trainer.callbacks.out", "reference", "--trainer.callbacks.replay", str(launched))
     [reference] = recording(workdir / "reference", 1)
     assert_same_meta_gradients(reference, recording(launched, 2), ENVIRONMENTS[how], STEPS)

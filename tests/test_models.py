@@ -31,10 +31,11 @@ def test_every_shipped_file_is_recorded_with_its_hash_and_holds_weights_and_sett
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))
-def test_a_shipped_model_tests_to_its_recorded_accuracy(name, omniglot_root, tmp_path):
+def test_a_shipped_model_tests_to_its_recorded_accuracy(name, omniglot_root, cache_dir, tmp_path):
     record = RECORDS[name]
     run = run_cli(tmp_path, "test", "--config", str(REPO / record["config"]), "--ckpt_path",
                   str(MODELS / record["file"]), "--data.root", str(omniglot_root),
+                  "--data.init_args.cache_dir", str(cache_dir),
                   "--data.init_args.test_episodes", str(record["small_set"]["episodes"]),
                   "--trainer.enable_progress_bar", "false")
     (accuracy,) = re.findall(r"test/acc = ([0-9.]+) ±", run.stdout + run.stderr)
