@@ -76,10 +76,11 @@ def test_peer_speed(run, omniglot_root, peer_code):
 
 @pytest.mark.slow
 def test_peer_accuracy(run, omniglot_root, peer_code):
-    out = run("benchmarks.peer_accuracy", "--quick", "--arms", "authors' iMAML", "learn2learn MAML", "ours")
-    for arm in ("authors' iMAML", "learn2learn MAML", "ours"):
+    """The two peers' arms (ours is table2's cell, tested with table2 below)."""
+    out = run("benchmarks.peer_accuracy", "--quick", "--arms", "authors' iMAML", "learn2learn MAML")
+    for arm in ("authors' iMAML", "learn2learn MAML"):
         assert f"| 5w1s | {arm} |" in out, out
-    assert out.count("| transductive |") == 3 and "plot: " in out
+    assert out.count("| transductive |") == 2 and "plot: " in out
 
 
 def test_peer_accuracy_bad_input(env, tmp_path, omniglot_root):
