@@ -137,6 +137,10 @@ def run_cell(cell: Path, command: list, minutes: float, config: str) -> dict:
     _, wall = cli("fit", *command, "--trainer.max_steps", str(planned["max_steps"]),
                   "--trainer.val_check_interval", str(planned["val_check_interval"]),
                   *schedule, *budget, *resume, workdir=cell)
+    trained = fit_record(cell, wall)["meta_steps"]
+    if minutes is None and trained < planned["max_steps"]:  # stopped by a signal, not a budget
+        sys.exit(f"{cell.name}: stopped at meta-step {trained} of {planned['max_steps']}; the same "
+                 "command continues it from its last.ckpt")
     (best,) = (cell / "checkpoints").glob("best-step*.ckpt")
     (test,), _ = cli("test", *command, "--ckpt_path", str(best), workdir=cell)
     result = {"command": "python -m imaml_lightning fit " + " ".join(command),

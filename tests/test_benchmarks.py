@@ -136,3 +136,29 @@ def test_table2_seed_trains_the_steps_of_seed_0_without_a_time_limit_and_its_mod
 def test_compiled_training(run, omniglot_root):
     out = run("benchmarks.compiled_training", "--quick")
     assert "| eager |" in out and "| compiled |" in out
+
+
+STOPPED_FIT = """
+import json, sys, torch
+from pathlib import Path
+from benchmarks import table2
+cell = Path(sys.argv[1])
+(cell / "checkpoints").mkdir(parents=True)
+(cell / "plan.json").write_text(json.dumps({"minutes": None, "max_steps": 10, "val_check_interval": 5}))
+def stopped_fit(*args, workdir):  # a fit that a signal stopped at meta-step 4 (exit status 0)
+    torch.save({"global_step": 4, "callbacks": {}}, workdir / "checkpoints" / "last.ckpt")
+    return [], 1.0
+table2.cli = stopped_fit
+table2.run_cell(cell, [], None, "omniglot_5way_1shot_paper.yaml")
+"""
+
+
+def test_table2_records_no_result_for_a_run_of_fixed_steps_stopped_early(env, tmp_path):
+    """A cell of fixed meta-steps whose fit a signal ended (a session's end, preemption) must not
+    be tested and recorded as finished: it resumes from its last.ckpt."""
+    done = subprocess.run([sys.executable, "-c", STOPPED_FIT, str(tmp_path / "cell")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == ("cell: stopped at meta-step 4 of 10; the same command continues "
+                                   "it from its last.ckpt")
+    assert not (tmp_path / "cell" / "result.json").exists()
