@@ -45,10 +45,10 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def training_command(cell: Path) -> str:
+def training_command(cell: Path, result: dict) -> str:
     """The cell's fit command as a user types it from the repository root: its recorded flags,
     the plan's steps and schedule, the configs' data root."""
-    result, plan = (json.loads((cell / f).read_text()) for f in ("result.json", "plan.json"))
+    plan = json.loads((cell / "plan.json").read_text())
     steps = [f"--trainer.max_steps {plan['max_steps']}", f"--trainer.val_check_interval {plan['val_check_interval']}"]
     if "lr_schedule_steps" in plan:
         steps.append(f"--model.lr_schedule_steps {plan['lr_schedule_steps']}")
@@ -73,7 +73,7 @@ def ship(name: str, setting: str, cell: Path, out: Path, root: str, extra: list)
         file.unlink()
         sys.exit(f"error: {name} tests {test}%, its cell recorded {result['test']}%: not shipped")
     return {"file": file.name, "config": f"configs/{config}", "setting": setting,
-            "trained_by": training_command(cell), "meta_steps": checkpoint["global_step"],
+            "trained_by": training_command(cell, result), "meta_steps": checkpoint["global_step"],
             "test": test, "small_set": {"episodes": SMALL_SET, "acc": small[2]},
             "sha256": sha256(file), "bytes": file.stat().st_size, "shipped": machine()}
 
