@@ -111,6 +111,11 @@ def forward_error(net, x: torch.Tensor) -> Optional[str]:
     return None
 
 
+# Where a run read and wrote its data: they differ between machines and never change the network.
+PLACE_SETTINGS = ("data.init_args.root", "data.init_args.cache_dir", "data.init_args.download",
+                  "data.init_args.num_workers")
+
+
 def check_checkpoint_fits(checkpoint: dict, state_dict: dict, settings: dict) -> None:
     error = incompatibility(upgrade(checkpoint), state_dict, settings)
     if error:
@@ -129,10 +134,11 @@ def incompatibility(checkpoint: dict, state_dict: dict, settings: dict) -> Optio
         return None
     saved = checkpoint.get("run_settings") or {}
     differing = [f"{k}={saved[k]} there, {v} here" for k, v in settings.items()
-                 if k in saved and saved[k] != v]
+                 if k in saved and saved[k] != v and k not in PLACE_SETTINGS]
     return (f"the checkpoint holds another network ({'; '.join(problems[:3])}); settings that "
-            f"differ: {', '.join(differing) or 'unknown (not recorded)'}. Resume with the settings "
-            f"it was trained with (config.yaml in its lightning_logs version folder)")
+            f"differ: {', '.join(differing) or 'unknown (not recorded)'}. Use the settings it "
+            f"was trained with (config.yaml in its lightning_logs version folder, or models/models.json "
+            f"for a shipped model)")
 
 
 def section(settings: dict, prefix: str) -> dict:
