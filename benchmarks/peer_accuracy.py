@@ -45,7 +45,7 @@ from benchmarks.common import OMNIGLOT_ROOT, PEER_ROOT, QUICK_HELP, ROOT, TINY_O
 from benchmarks.peers import AuthorsIMAML, Learn2LearnMAML, PeerMissing, import_authors_code, learn2learn_missing
 from imaml_lightning.data import OmniglotDataModule
 from imaml_lightning.data.episodes import EpisodeStream, FixedEpisodes
-from imaml_lightning.data.images import to_unit_range
+from imaml_lightning.data.images import ClassificationTasks, to_unit_range
 from imaml_lightning.metrics import MeanConfidenceInterval
 from imaml_lightning.solver import Task
 
@@ -63,22 +63,29 @@ def data_settings(setting: str) -> dict:
     return yaml.safe_load(config.read_text())["data"]["init_args"]
 
 
-def evaluation_episodes(setting: str, root: str, sizes: dict) -> dict:
+def samplers(setting: str, root: str) -> tuple:
+    """(the shipped config's sampler, the same with the peers' own query count = shots), from
+    one load of the images (built here, before the clock starts, as ours builds its own)."""
+    data = OmniglotDataModule(**{**data_settings(setting), "root": root, "download": False})
+    images, splits = data.load()
+    evaluation, training = (ClassificationTasks(images, splits, data.ways, data.shots, queries,
+                                                data.rotations)
+                            for queries in (data.queries, data.shots))
+    return data, evaluation, training
+
+
+def evaluation_episodes(data: OmniglotDataModule, sampler: ClassificationTasks, sizes: dict) -> dict:
     """{"val": [...], "test": [...]}: the fixed episodes the command line evaluates the shipped
     config on (their count from the config, or from `sizes`), each a Task in [0, 1]."""
-    data = OmniglotDataModule(**{**data_settings(setting), "root": root, "download": False})
-    sampler, counts = data.make_sampler(), {"val": data.val_episodes, "test": data.test_episodes}
+    counts = {"val": data.val_episodes, "test": data.test_episodes}
     fixed = {split: FixedEpisodes(sampler, split, sizes.get(split, count), data.eval_seed)
              for split, count in counts.items()}
     return {split: [Task(*to_unit_range(e[i])) for i in range(len(e))] for split, e in fixed.items()}
 
 
-def training_stream(setting: str, root: str, meta_batch: int, seed: int):
-    """Endless meta-batches from our sampler, with the peers' own query count (= shots). The
-    sampler is built here, before the clock starts (ours builds its own before training too)."""
-    data = {**data_settings(setting), "root": root, "download": False}
-    data = OmniglotDataModule(**{**data, "queries": data["shots"]})
-    stream = EpisodeStream(data.make_sampler(), seed, meta_batch)
+def training_stream(sampler: ClassificationTasks, meta_batch: int, seed: int):
+    """Endless meta-batches from our sampler."""
+    stream = EpisodeStream(sampler, seed, meta_batch)
     return (Task(*to_unit_range(stream.meta_batch(step))) for step in itertools.count())
 
 
@@ -93,8 +100,9 @@ def summary(peer, tasks: list) -> tuple:
 
 def train_peer(peer, setting: str, args, sizes: dict) -> dict:
     """M minutes of meta-steps (validation included), then the best weights tested."""
-    evaluation = evaluation_episodes(setting, args.omniglot_root, sizes)
-    stream = training_stream(setting, args.omniglot_root, sizes.get("meta_batch", PEER_META_BATCH), args.seed)
+    data, evaluation_sampler, training_sampler = samplers(setting, args.omniglot_root)
+    evaluation = evaluation_episodes(data, evaluation_sampler, sizes)
+    stream = training_stream(training_sampler, sizes.get("meta_batch", PEER_META_BATCH), args.seed)
     budget, curve, best, steps = minutes(args, setting) * 60, [], (-1.0, None, 0), 0
     validation_seconds = 0.0  # the last validation's, kept free at the end of the budget
     start = time.perf_counter()
