@@ -21,7 +21,8 @@ BatchNorm uses the query batch's statistics at test in every arm (transductive; 
 own BatchNorm does so). Prints a Markdown table and draws validation accuracy against minutes
 (one panel per setting). Each arm keeps its arm.json under --out/<setting>_<arm>: rerunning
 the command skips finished arms (with the same minutes and seed; a killed peer arm starts
-again, ours resumes as table2 does).
+again, ours resumes as table2 does), and the table and plot hold every finished arm there
+(with the seed), so the arms can run in separate sessions.
 
 Usage: python -m benchmarks.peer_accuracy [--minutes M] [--settings 5w1s 20w1s] [--arms ...]
        [--out benchmarks/results/peer_accuracy] [--peer ../shared/peers/imaml_dev]
@@ -153,26 +154,40 @@ def run_ours(arm: str, setting: str, cell: Path, args) -> dict:
             "curve": list(zip(times, accuracy)), "network": "ours (conv-4, ConvNet)"}
 
 
-def run_arm(arm: str, setting: str, args, sizes: dict):
-    cell = Path(args.out) / f"{setting}_{arm.replace(' ', '-').replace(',', '').replace(chr(39), '')}"
+def cell_folder(args, setting: str, arm: str) -> Path:
+    return Path(args.out) / f"{setting}_{arm.replace(' ', '-').replace(',', '').replace(chr(39), '')}"
+
+
+def recorded_arms(args) -> dict:
+    """{(setting, arm): record} of every finished arm under --out with this seed: a run of some
+    arms (a session's share of a long comparison) reports them beside those run before."""
+    records = {}
+    for setting, arm in itertools.product(SETTINGS, ARMS):
+        done = cell_folder(args, setting, arm) / "arm.json"
+        if done.is_file() and (record := json.loads(done.read_text()))["seed"] == args.seed:
+            records[(setting, arm)] = record
+    return records
+
+
+def run_arm(arm: str, setting: str, args, sizes: dict) -> None:
+    cell = cell_folder(args, setting, arm)
     done = cell / "arm.json"
     if done.is_file():
         recorded = json.loads(done.read_text())
         if (recorded["minutes"], recorded["seed"]) != (minutes(args, setting), args.seed):
             sys.exit(f"error: {cell} holds a run of {recorded['minutes']} minutes with seed "
                      f"{recorded['seed']}: choose another --out for other minutes or seeds")
-        return recorded
+        return
     print(f"{setting}, {arm}: {minutes(args, setting)} minutes", flush=True)
     try:
         result = (run_ours(arm, setting, cell, args) if arm.startswith("ours")
                   else train_peer(make_peer(arm, setting, args, sizes), setting, args, sizes))
     except PeerMissing as missing:
         print(f"skipped {arm}: {missing}")
-        return None
+        return
     cell.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"arm": arm, "setting": setting, "minutes": minutes(args, setting),
                                 "seed": args.seed, **result}, indent=2) + "\n")
-    return result
 
 
 def plot(results: dict, path: Path) -> None:
@@ -198,12 +213,10 @@ def main(args, sizes: dict) -> None:
         raise SystemExit(f"error: --omniglot-root={args.omniglot_root!r} is invalid: it holds no "
                          "images_background and images_evaluation folders (the Omniglot of "
                          "github.com/brendenlake/omniglot, unzipped)")
-    results = {}
     for setting in args.settings:
         for arm in args.arms:
-            if (result := run_arm(arm, setting, args, sizes)) is not None:
-                results[(setting, arm)] = result
-    if not results:
+            run_arm(arm, setting, args, sizes)
+    if not (results := recorded_arms(args)):
         raise SystemExit("no arm ran (see the lines above)")
     rows = [[setting, arm, result["network"], f"{result['meta_steps']} (best {result['best_step']})",
              result["fit_minutes"], result["evaluation"], f"{result['test']}%", "transductive"]
