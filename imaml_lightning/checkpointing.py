@@ -13,6 +13,7 @@ import signal
 import time
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
@@ -40,16 +41,21 @@ class RunCheckpoint(ModelCheckpoint):
         self._last_write = time.monotonic()
         self._stop_signal = None  # the signal that asked this process to stop
         self._previous_sigint = None
+        self._launcher = None
         self._last_saved_as_last = None  # the step last.ckpt holds, when this run wrote it
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._last_write = time.monotonic()
-        # Ctrl-C would raise KeyboardInterrupt wherever the step is; finish the step instead (a
-        # second Ctrl-C interrupts at once). SIGTERM is Lightning's: trainer.received_sigterm.
-        self._previous_sigint = signal.getsignal(signal.SIGINT)
+        # A stop signal only marks the request; the ranks agree on it at the end of a meta-step
+        # (or a validation), all at the same point. Lightning 2.6's own SIGTERM handler
+        # calls dist.broadcast inside the handler, which pairs with whatever collective another
+        # rank is in (the meta-gradient's all-reduce): signalled at once, the ranks hung (CI,
+        # stop 33). Ctrl-C would raise KeyboardInterrupt mid-step; a second one still does.
+        self._launcher = trainer.strategy.launcher
         try:
-            signal.signal(signal.SIGINT, self._request_stop)
-        except ValueError:  # not the main thread: leave Ctrl-C as it is
+            self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop)
+            signal.signal(signal.SIGTERM, self._request_stop)  # Lightning's teardown restores its own
+        except ValueError:  # not the main thread: leave the signals as they are
             self._previous_sigint = None
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -60,7 +66,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._restore_sigint()
         super().on_exception(trainer, pl_module, exception)
         if isinstance(exception, SIGTERMException) and self._stop_signal is None:
-            # SIGTERM during a validation: Lightning stops there, after the meta-step's end.
+            # SIGTERM before training started (Lightning's handler then): stop there.
             self._stop_signal = "SIGTERM"
             self.save_latest(trainer)
             self._report_stop(trainer, "SIGTERM")
@@ -71,23 +77,37 @@ class RunCheckpoint(ModelCheckpoint):
             self._previous_sigint = None
 
     def _request_stop(self, signum, frame) -> None:
-        self._stop_signal = signal.Signals(signum).name
-        self._restore_sigint()
+        self._stop_signal = self._stop_signal or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._restore_sigint()
+        elif self._launcher is not None:  # processes Lightning started itself get it too
+            self._launcher.kill(signum)
+
+    def _agreed(self, trainer: "pl.Trainer", due: bool = False) -> tuple:
+        """(the stop signal if any rank has one, rank 0's `due`): one all-reduce, the same on
+        every rank, so each takes part in the same saves."""
+        mine = signal.Signals[self._stop_signal].value if self._stop_signal else 0
+        rank_0_due = float(due and trainer.is_global_zero)
+        signum, due = trainer.strategy.reduce(  # max: the other ranks' due is 0
+            torch.tensor([float(mine), rank_0_due], device=trainer.strategy.root_device),
+            reduce_op="max").tolist()
+        return (signal.Signals(int(signum)).name if signum else None), bool(due)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.received_sigterm and self._stop_signal is None:
-            self._stop_signal = "SIGTERM"
         due = self.every_n_minutes > 0 and time.monotonic() - self._last_write >= 60 * self.every_n_minutes
-        # Every rank takes part in a save: rank 0 decides for all (clocks and signals differ).
-        stop, due = trainer.strategy.broadcast((self._stop_signal, due))
+        stop, due = self._agreed(trainer, due)  # rank 0's clock decides `due`
         if stop or due:
             # Not marked as this step's save: a validation after this step still writes its
             # best-by-score checkpoint (ModelCheckpoint skips steps it has saved).
             self.save_latest(trainer, mark_step=False)
         if stop:
-            self._report_stop(trainer, stop)
-            trainer.should_stop = True
+            self._stop(trainer, stop)
+
+    def _stop(self, trainer: "pl.Trainer", name: str) -> None:
+        self._stop_signal = name
+        self._report_stop(trainer, name)
+        trainer.should_stop = True
 
     def _report_stop(self, trainer: "pl.Trainer", name: str) -> None:
         rank_zero_info(f"Stopped on {name} after meta-step {trainer.global_step}: "
@@ -99,6 +119,12 @@ class RunCheckpoint(ModelCheckpoint):
         if last_saved_step(self) == trainer.global_step:  # ModelCheckpoint's rule for last
             self._last_saved_as_last = trainer.global_step
         self.save_latest(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and not trainer.should_stop:
+            # A signal during the validation: stop here, not a meta-step later. (Not per
+            # validation batch: the ranks' shares of the episodes may differ by one.)
+            stop, _ = self._agreed(trainer)
+            if stop:
+                self._stop(trainer, stop)
 
     def save_latest(self, trainer: "pl.Trainer", mark_step: bool = True) -> None:
         """Write last.ckpt unless it already holds this step (or this is no training run)."""

@@ -177,12 +177,13 @@ def wait_for_steps(processes: list, folder: Path, steps: int, timeout: float = 3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["node_rank", "slurm"])
-def test_sigterm_to_every_process_stops_cleanly_and_resumes_bit_exactly(tmp_path, how):
-    """What a scheduler does at preemption: SIGTERM to every process of the job at once. Each
-    finishes its meta-step and exits with status 0, rank 0 having written last.ckpt (alone);
-    the same launch with --ckpt_path last continues from there, and ends where an uninterrupted
-    launch ends, bit for bit."""
+@pytest.mark.parametrize("how, signalled", [("node_rank", "the last rank"), ("slurm", "every rank")])
+def test_sigterm_stops_every_process_cleanly_and_resumes_bit_exactly(tmp_path, how, signalled):
+    """Preemption: the scheduler sends SIGTERM to every process of the job at once, or only to
+    one node's. Every process finishes its meta-step and exits with status 0, rank 0 having
+    written last.ckpt (alone); the same launch with --ckpt_path last continues from there, and
+    ends where an uninterrupted launch ends, bit for bit. (Lightning 2.6's own SIGTERM handler
+    hung here: it broadcasts from inside the handler, wherever the other rank is.)"""
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
     processes = launch(stopped, how, "--trainer.max_steps", "100000", *recorded(stopped, "first"))
     try:
@@ -191,7 +192,7 @@ def test_sigterm_to_every_process_stops_cleanly_and_resumes_bit_exactly(tmp_path
         kill(processes)
         raise
     time.sleep(random.Random(0).uniform(0, 0.5))  # somewhere in a meta-step
-    for process in processes:
+    for process in processes if signalled == "every rank" else processes[-1:]:
         process.send_signal(signal.SIGTERM)
     output = finish(processes, stopped)
     step = load(stopped / "checkpoints/last.ckpt")["global_step"]
