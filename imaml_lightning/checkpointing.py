@@ -7,7 +7,8 @@ have thrown away everything after it. RunCheckpoint keeps the best-by-validation
 they are and makes last.ckpt the latest state: after every validation, every `every_n_minutes`
 of training, at the end of training, and when the run is asked to stop (SIGTERM: cluster
 preemption, SLURM's signal before a time limit; SIGINT: Ctrl-C), after which it ends the run
-cleanly.
+cleanly, without the validation Lightning would add for the stop (the validated steps, and so
+the best checkpoint, then depend on `val_check_interval` alone, not on where a run was stopped).
 """
 import signal
 import time
@@ -19,7 +20,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from imaml_lightning.compat import last_saved_step, save_last_checkpoint, set_last_saved_step
+from imaml_lightning.compat import (
+    last_saved_step, save_last_checkpoint, set_last_saved_step, skip_unscheduled_validation)
 from imaml_lightning.errors import display_path, require
 
 
@@ -102,6 +104,7 @@ class RunCheckpoint(ModelCheckpoint):
             # best-by-score checkpoint (ModelCheckpoint skips steps it has saved).
             self.save_latest(trainer, mark_step=False)
         if stop:
+            skip_unscheduled_validation(trainer)  # a stop is no reason to validate
             self._stop(trainer, stop)
 
     def _stop(self, trainer: "pl.Trainer", name: str) -> None:

@@ -38,6 +38,19 @@ def save_last_checkpoint(checkpoint: ModelCheckpoint, trainer) -> None:
     checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
 
 
+# Lightning validates at the end of any meta-step that sets `trainer.should_stop` (meant for early
+# stopping), through its training epoch loop's private `_should_check_val_fx`, and skips the next
+# validation when the private `_skip_next_val` is set. A stop by signal must not add a validation:
+# it would cost a whole validation inside a scheduler's kill grace period, and the steps that get
+# validated (so the best checkpoint) would depend on where a run happened to be stopped.
+def skip_unscheduled_validation(trainer) -> None:
+    """Call before setting `trainer.should_stop` at the end of a meta-step: the validation that
+    Lightning would add for the stop is skipped; one the schedule has at this step still runs."""
+    loop = trainer.fit_loop.epoch_loop
+    if not loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        loop._skip_next_val = True
+
+
 class ConfigFileCheckpointHook:
     """LightningCLI applies a checkpoint's hyperparameters in its private `_parse_ckpt_path`,
     after the command line is parsed, with the checkpoint's values over the typed flags. We

@@ -1,12 +1,14 @@
 """last.ckpt is always the latest state: after every validation, on a timer, and on a stop signal."""
 import errno
 import json
+import os
 import signal
 import subprocess
 import time
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import Callback
 
 from imaml_lightning import checkpoint_io
 from imaml_lightning.checkpointing import SHAREABLE_KEYS, resumable, shareable
@@ -127,6 +129,31 @@ def test_a_stop_signal_saves_the_step_and_resuming_matches_an_uninterrupted_run(
     assert a["global_step"] == b["global_step"] == step + 2
     assert_same_tree(a["state_dict"], b["state_dict"], "state_dict")
     assert_same_tree(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
+
+
+class SignalAtStep(Callback):
+    """Sends this process SIGINT at the end of meta-step `step`, as Ctrl-C would (Lightning runs
+    it before RunCheckpoint, which as a ModelCheckpoint comes last)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("stop_at, validated", [(3, [2]), (4, [2, 4])])
+def test_a_stop_validates_only_where_the_schedule_does(workdir, stop_at, validated):
+    """Lightning validates at any meta-step that stops early; a stop by signal must not, or the
+    validated steps (so the best checkpoint) would depend on where runs were stopped. A stop at
+    a scheduled validation keeps it."""
+    main(["fit", *SINUSOID, "--trainer.max_steps", "100", "--trainer.val_check_interval", "2",
+          "--trainer.log_every_n_steps", "1", "--trainer.callbacks+=tests.test_checkpointing.SignalAtStep",
+          f"--trainer.callbacks.step={stop_at}"])
+    assert load(workdir / "checkpoints/last.ckpt")["global_step"] == stop_at
+    logged = scalars(workdir / "lightning_logs/version_0")["val/mse"]
+    assert [step + 1 for step, _ in logged] == validated  # Lightning logs them one step back
 
 
 def test_every_n_minutes_must_not_be_negative(workdir):

@@ -58,3 +58,30 @@ def test_dynamo_error_is_what_torch_compile_raises_when_it_cannot_trace():
 
     with pytest.raises(compat.DynamoError):
         untraceable(torch.ones(2))
+
+
+class StopAt(pl.Callback):
+    """Stops the run at the end of meta-step `step` the way RunCheckpoint does on a signal."""
+
+    def __init__(self, step):
+        self.step, self.validated_at = step, []
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            compat.skip_unscheduled_validation(trainer)
+            trainer.should_stop = True
+
+    def on_validation_start(self, trainer, *args):
+        self.validated_at.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("stop_at, validated_at", [(3, [2]), (4, [2, 4])])
+def test_a_stop_skips_only_the_validation_lightning_adds_for_it(tmp_path, stop_at, validated_at):
+    callback = StopAt(stop_at)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=10, val_check_interval=2,
+                         limit_val_batches=1, num_sanity_val_steps=0, callbacks=[callback],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(BoringModel(), BoringDataModule())
+    assert trainer.global_step == stop_at
+    assert callback.validated_at == validated_at

@@ -144,9 +144,8 @@ def assert_trains_like_one_process(workdir: Path, launched: Path, how: str) -> N
 
 def assert_only_rank_0_wrote(writes: list, last_step: int) -> None:
     """Every checkpoint was written by global rank 0 alone (not once per "node"), and last.ckpt
-    last holds `last_step`. (After a stop signal rank 0 writes last.ckpt twice at the same
-    step: RunCheckpoint's save on the signal, then ModelCheckpoint's after the validation
-    Lightning runs when a run stops early.)"""
+    last holds `last_step`. (A stop signal at a scheduled validation writes last.ckpt twice at
+    the same step: RunCheckpoint's save on the signal, then the validation's.)"""
     assert writes and all(w["rank"] == 0 for w in writes), writes
     assert [w["step"] for w in writes if w["file"] == "last.ckpt"][-1] == last_step, writes
 
