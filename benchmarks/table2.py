@@ -153,13 +153,15 @@ def run_cell(cell: Path, command: list, minutes: float, config: str) -> dict:
 
 def fit_record(cell: Path, wall: float) -> dict:
     """Meta-steps and minutes of the cell's whole fit, resumed parts included: last.ckpt's step
-    and Lightning's timer (`wall`, this invocation's, where the checkpoint has no timer)."""
+    and Lightning's timer, or where the checkpoint has none (no --trainer.max_time) the parts'
+    minutes in the events (this invocation's `wall` when they have none)."""
     import torch
 
     (last,) = (cell / "checkpoints").glob("last*.ckpt")
     checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
     timer = checkpoint["callbacks"].get("Timer")
-    seconds = timer["time_elapsed"]["train"] if timer else wall
+    seconds = timer["time_elapsed"]["train"] if timer else 60 * sum(
+        end - start for start, end, _ in training_parts(cell)) or wall
     return {"meta_steps": checkpoint["global_step"], "fit_minutes": round(seconds / 60, 1)}
 
 
@@ -209,18 +211,23 @@ def scalars(cell: Path, tag: str) -> list:
     return [e.value for tags, log in event_logs(cell) if tag in tags for e in log.Scalars(tag)]
 
 
-def validation_curve(cell: Path) -> tuple:
-    """(minutes of fit, val/acc in %) of a cell's run(s), counted from each part's first event
-    (the fit's start: its hyperparameters, logged before the first meta-step, so a compiled
-    solver's compilation counts); a resumed part continues the minutes where the part before it
-    stopped logging."""
-    points, offset = {}, 0.0
+def training_parts(cell: Path):
+    """(start, end, val/acc events) in minutes of each part of a cell's fit (a resumed run's
+    parts): from its first event (its hyperparameters, logged before the first meta-step, so a
+    compiled solver's compilation counts) to its last logged meta-step."""
     for tags, log in event_logs(cell):
         if "val/acc" in tags and "train/step_seconds" in tags:
-            start, end = log.FirstEventTimestamp(), log.Scalars("train/step_seconds")[-1].wall_time
-            points.update({e.step: (offset + (e.wall_time - start) / 60, 100 * e.value)
-                           for e in log.Scalars("val/acc")})
-            offset += (end - start) / 60
+            end = log.Scalars("train/step_seconds")[-1].wall_time
+            yield log.FirstEventTimestamp() / 60, end / 60, log.Scalars("val/acc")
+
+
+def validation_curve(cell: Path) -> tuple:
+    """(minutes of fit, val/acc in %) of a cell's run(s); a resumed part continues the minutes
+    where the part before it stopped logging."""
+    points, offset = {}, 0.0
+    for start, end, validations in training_parts(cell):
+        points.update({e.step: (offset + e.wall_time / 60 - start, 100 * e.value) for e in validations})
+        offset += end - start
     return tuple(zip(*(points[s] for s in sorted(points)))) or ((), ())
 
 

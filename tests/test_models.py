@@ -48,21 +48,22 @@ def held_out_characters(omniglot_root, count: int) -> list:
     return [characters[i] for i in paper_split(characters)["test"][:count].tolist()]
 
 
-@pytest.mark.skipif("omniglot_5way_1shot" not in RECORDS, reason="the 5-way 1-shot model is not shipped yet")
-def test_the_5_way_model_labels_held_out_characters(omniglot_root, tmp_path):
-    """The README's predict example with the shipped model: one drawing of each of 5 characters it
-    never saw as support, their 19 other drawings as queries."""
-    for index, files in enumerate(held_out_characters(omniglot_root, 5)):
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_a_shipped_model_labels_held_out_characters(name, omniglot_root, tmp_path):
+    """The README's predict example with each shipped model: as many characters as it was
+    trained for (never seen in training), as many drawings of each as support as its shots, their
+    other drawings as queries."""
+    ways, shots = map(int, re.match(r"(\d+)w(\d+)s", RECORDS[name]["setting"]).groups())
+    for index, files in enumerate(held_out_characters(omniglot_root, ways)):
         files = sorted(files)
-        (tmp_path / "support" / f"c{index}").mkdir(parents=True)
-        shutil.copy(files[0], tmp_path / "support" / f"c{index}")
-        (tmp_path / "query" / f"c{index}").mkdir(parents=True)
-        for file in files[1:]:
-            shutil.copy(file, tmp_path / "query" / f"c{index}")
-    run_cli(tmp_path, "predict", "--ckpt_path", str(MODELS / "omniglot_5way_1shot.ckpt"),
+        for folder, chosen in (("support", files[:shots]), ("query", files[shots:])):
+            (tmp_path / folder / f"c{index}").mkdir(parents=True)
+            for file in chosen:
+                shutil.copy(file, tmp_path / folder / f"c{index}")
+    run_cli(tmp_path, "predict", "--ckpt_path", str(MODELS / RECORDS[name]["file"]),
             "--support", "support", "--query", "query", "--out", "predictions.csv")
     with open(tmp_path / "predictions.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == 5 * 19
+    assert len(rows) == ways * (20 - shots)  # Omniglot has 20 drawings of each character
     right = sum(row["path"].split("/")[-2] == row["predicted"] for row in rows)
     assert right >= 0.8 * len(rows), f"{right} of {len(rows)}"
