@@ -10,6 +10,8 @@ preemption, SLURM's signal before a time limit; SIGINT: Ctrl-C), after which it 
 cleanly, without the validation Lightning would add for the stop (the validated steps, and so
 the best checkpoint, then depend on `val_check_interval` alone, not on where a run was stopped).
 """
+import copy
+import functools
 import signal
 import time
 
@@ -156,7 +158,13 @@ def shareable(checkpoint: dict, **settings) -> dict:
     kept = {key: checkpoint[key] for key in SHAREABLE_KEYS if key in checkpoint}
     unknown = set(settings) - set(kept.get("run_settings", {}))
     require(not unknown, "settings", sorted(unknown), "must be run settings of the checkpoint")
-    return {**kept, "run_settings": {**kept.get("run_settings", {}), **settings}}
+    hyper_parameters = copy.deepcopy(kept.get("hyper_parameters", {}))
+    for name, value in settings.items():
+        if name.startswith("model."):  # evaluation rebuilds the model from its hyperparameters
+            *parents, key = name.split(".")[1:]
+            functools.reduce(dict.__getitem__, parents, hyper_parameters)[key] = value
+    return {**kept, "hyper_parameters": hyper_parameters,
+            "run_settings": {**kept.get("run_settings", {}), **settings}}
 
 
 def resumable(checkpoint: dict) -> bool:

@@ -198,3 +198,7 @@ def test_a_shareable_checkpoint_tests_and_predicts_as_the_full_one_and_cannot_re
                                                 "weights and settings only")
     with pytest.raises(SettingError, match="settings=.*must be run settings of the checkpoint"):
         shareable(full, **{"data.init_args.rooot": "x"})
+    evaluated_longer = shareable(full, **{"model.solver.inner_steps": 7})  # what evaluation reads
+    assert evaluated_longer["hyper_parameters"]["solver"]["inner_steps"] == 7
+    assert evaluated_longer["run_settings"]["model.solver.inner_steps"] == 7
+    assert full["hyper_parameters"]["solver"]["inner_steps"] == 3
