@@ -14,6 +14,7 @@ Splits, fixed by the names alone (no seed, library version or directory listing 
   No alphabet is shared between splits, which makes the test harder.
 """
 import zipfile
+from contextlib import suppress
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
 
@@ -44,11 +45,15 @@ def download(root: Path) -> Path:
     """Fetch and unpack the official archives (checksums verified by torchvision)."""
     from torchvision.datasets import Omniglot
 
+    created = [folder for folder in (root, root / "omniglot-py") if not folder.exists()]
     try:
         for background in (True, False):
             Omniglot(str(root), background=background, download=True)
     except (OSError, RuntimeError, zipfile.BadZipFile) as error:  # offline or HTTP error, read-only
         # root (OSError), bad checksum (torchvision's RuntimeError), damaged archive
+        for folder in reversed(created):  # torchvision made them; leave no empty ones behind
+            with suppress(OSError):  # not empty: keep what is in it
+                folder.rmdir()
         raise SettingError(
             f"data.root={str(root)!r} is invalid: no Omniglot there (looked for {'/'.join(SETS)} "
             f"in it and in its omniglot-py/) and the download failed ({error}). Unzip the "
@@ -108,7 +113,8 @@ SPLIT_MODES = {"paper": paper_split, "alphabet": alphabet_split}
 def load_image(path: Path, size: int, setting: str = "data.root") -> np.ndarray:
     """Strokes as bright foreground on black, resized with LANCZOS as in MAML."""
     image = read_image(path, "L", setting)
-    return np.asarray(ImageOps.invert(image).resize((size, size), Image.LANCZOS))
+    # a copy: torch.from_numpy warns on the read-only view np.asarray gives of a PIL image
+    return np.array(ImageOps.invert(image).resize((size, size), Image.LANCZOS))
 
 
 def load_images(base: Path, characters: List[List[Path]], size: int, cache_dir: Path) -> LabeledImages:

@@ -137,16 +137,19 @@ def test_ways_beyond_a_split_name_the_limit(omniglot_root, cache_dir, split, rot
 
 
 def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
-    """Offline, or an archive whose MD5 checksum does not match: one message naming data.root."""
+    """Offline, or an archive whose MD5 checksum does not match: one message naming data.root,
+    and no empty folders left where there were none."""
     from torchvision.datasets import omniglot
 
-    def offline(*args, **kwargs):
+    def offline(url, download_root, *args, **kwargs):
+        Path(download_root).mkdir(parents=True, exist_ok=True)  # as torchvision does first
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     monkeypatch.setattr(omniglot, "download_and_extract_archive", offline)
     dm = OmniglotDataModule(root=str(tmp_path / "omniglot"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(SettingError, match="data.root=.* the download failed .*name resolution"):
         dm.prepare_data()
+    assert not (tmp_path / "omniglot").exists()
 
 
 def test_downloaded_archives_are_checked_against_their_checksums(tmp_path, monkeypatch):
