@@ -146,11 +146,9 @@ def run_ours(arm: str, setting: str, cell: Path, args) -> dict:
     # As table2 reports a cell: tested with the training's inner steps or twice as many,
     # whichever validated better (on 20-way, 10 GD steps do not reach the inner minimizer).
     result = table2.evaluate_longer_adaptation(cell, command, result)
-    longer = float(result["val_longer"].split()[0]) > float(result["val"].split()[0])
+    inner_steps, test = table2.validated_evaluation(result)
     times, accuracy = table2.validation_curve(cell)
-    return {**result, "test": result["test_longer"] if longer else result["test"],
-            "evaluation": f"{result['longer_inner_steps'] if longer else result['longer_inner_steps'] // 2} "
-                          "inner steps, chosen by validation",
+    return {**result, "test": test, "evaluation": f"{inner_steps} inner steps, chosen by validation",
             "curve": list(zip(times, accuracy)), "network": "ours (conv-4, ConvNet)"}
 
 

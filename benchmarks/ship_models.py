@@ -63,8 +63,11 @@ def ship(name: str, setting: str, cell: Path, out: Path, root: str, extra: list)
     file = out / f"{name}.ckpt"
     # Evaluated eagerly: compiling the solver takes minutes on a machine without Inductor's cache;
     # the test below checks that the file still scores the cell's recorded accuracy.
-    torch.save(shareable(checkpoint, **{"data.init_args.root": DEFAULT_ROOT,
-                                        "model.compile_solver": False}), file)
+    settings = {"data.init_args.root": DEFAULT_ROOT, "model.compile_solver": False}
+    inner_steps, recorded = table2.validated_evaluation(result)
+    if inner_steps is not None and inner_steps != checkpoint["hyper_parameters"]["solver"]["inner_steps"]:
+        settings["model.test_inner_steps"] = inner_steps  # test and predict adapt as validated
+    torch.save(shareable(checkpoint, **settings), file)
     config = table2.SETTINGS[setting][0]
     flags = ["--config", str(ROOT / "configs" / config), "--ckpt_path", str(file), "--data.root", root, *extra]
     with tempfile.TemporaryDirectory() as workdir:  # their logs are not kept
@@ -72,20 +75,28 @@ def ship(name: str, setting: str, cell: Path, out: Path, root: str, extra: list)
         (small,), _ = cli("test", *flags, "--data.init_args.test_episodes", str(SMALL_SET),
                           workdir=Path(workdir))
     test = f"{full[2]} ± {full[3]}"
-    if test != result["test"]:
+    if test != recorded:
         file.unlink()
-        sys.exit(f"error: {name} tests {test}%, its cell recorded {result['test']}%: not shipped")
+        sys.exit(f"error: {name} tests {test}%, its cell recorded {recorded}%: not shipped")
     return {"file": file.name, "config": f"configs/{config}", "setting": setting,
             "trained_by": training_command(cell, result), "meta_steps": checkpoint["global_step"],
             "test": test, "small_set": {"episodes": SMALL_SET, "acc": small[2]},
             "sha256": sha256(file), "bytes": file.stat().st_size, "shipped": machine()}
 
 
+def adaptation_steps(file: Path) -> int:
+    """The inner steps a model file adapts with at test and predict."""
+    hyper_parameters = torch.load(file, map_location="cpu", weights_only=True)["hyper_parameters"]
+    steps = hyper_parameters["test_inner_steps"]
+    return hyper_parameters["solver"]["inner_steps"] if steps is None else steps
+
+
 def write_table(records: dict, out: Path) -> str:
     rows = [[f"[{name}]({r['file']})", r["setting"], f"`{r['trained_by']}`", r["meta_steps"],
-             f"{r['test']}%", f"`{r['sha256'][:16]}…`", f"{r['bytes'] / 1e6:.2f} MB"]
-            for name, r in records.items()]
+             adaptation_steps(out / r["file"]), f"{r['test']}%", f"`{r['sha256'][:16]}…`",
+             f"{r['bytes'] / 1e6:.2f} MB"] for name, r in records.items()]
     table = markdown_table(["model", "setting", "trained by", "meta-steps (best checkpoint)",
+                            "inner steps at test (chosen on validation)",
                             "test acc (the config's test episodes, 95% CI)", "SHA-256 (models.json: whole)", "size"], rows)
     (out / "models.json").write_text(json.dumps(records, indent=2) + "\n")
     (out / "SHA256SUMS").write_text("".join(f"{r['sha256']}  {r['file']}\n" for r in records.values()))

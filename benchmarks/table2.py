@@ -231,12 +231,22 @@ def validation_curve(cell: Path) -> tuple:
     return tuple(zip(*(points[s] for s in sorted(points)))) or ((), ())
 
 
+def validated_evaluation(result: dict) -> tuple:
+    """(inner steps, test acc) of the evaluation length that validated better: the training's or
+    EVALUATION_STEPS times as many (inner steps None where only the training's was measured)."""
+    if "test_longer" not in result:
+        return None, result["test"]
+    if float(result["val_longer"].split()[0]) > float(result["val"].split()[0]):
+        return result["longer_inner_steps"], result["test_longer"]
+    return result["longer_inner_steps"] // EVALUATION_STEPS, result["test"]
+
+
 def evaluation_columns(result: dict) -> list:
     """[val acc at both lengths, test acc at each], the test of the length that validated
     better in bold."""
     if "test_longer" not in result:
         return ["-", f"**{result['test']}%**", "-"]
-    longer_wins = float(result["val_longer"].split()[0]) > float(result["val"].split()[0])
+    longer_wins = validated_evaluation(result)[0] == result["longer_inner_steps"]
     tests = [f"{result['test']}%", f"{result['test_longer']}%"]
     tests[longer_wins] = f"**{tests[longer_wins]}**"
     return [f"{result['val']}% / {result['val_longer']}%", *tests]

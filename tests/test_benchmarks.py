@@ -129,10 +129,23 @@ def test_table2_seed_trains_the_steps_of_seed_0_without_a_time_limit_and_its_mod
     assert seed_1["meta_steps"] == seed_0["meta_steps"]
     assert "Over seeds:" in printed and "| 5w1s | imaml-gd | 2 |" in printed
     shipped = run("benchmarks.ship_models", "--quick", "--cells", out)  # the seed-0 cell's best
+    # it adapts with, and tests to, the evaluation length that validated better
+    longer = float(seed_0["val_longer"].split()[0]) > float(seed_0["val"].split()[0])
+    steps = seed_0["longer_inner_steps"] // (1 if longer else 2)
+    test = seed_0["test_longer" if longer else "test"]
     assert re.search(rf"\| 5w1s \| `python -m imaml_lightning fit --config configs/omniglot_5way_1shot.yaml "
-                     rf"--data.root data/omniglot .*` \| {seed_0['best_step']} \| {re.escape(seed_0['test'])}% \|",
+                     rf"--data.root data/omniglot .*` \| {seed_0['best_step']} \| {steps} \| {re.escape(test)}% \|",
                      shipped), shipped
     assert {p: p.stat().st_mtime for p in results.rglob("*")} == before
+
+
+def test_a_cell_is_reported_with_the_evaluation_length_that_validated_better():
+    from benchmarks.table2 import validated_evaluation
+
+    cell = {"test": "90.0 ± 0.5", "test_longer": "91.0 ± 0.4", "longer_inner_steps": 20}
+    assert validated_evaluation({**cell, "val": "88.0 ± 1", "val_longer": "92.0 ± 1"}) == (20, "91.0 ± 0.4")
+    assert validated_evaluation({**cell, "val": "92.0 ± 1", "val_longer": "92.0 ± 1"}) == (10, "90.0 ± 0.5")
+    assert validated_evaluation({"test": "90.0 ± 0.5"}) == (None, "90.0 ± 0.5")
 
 
 @pytest.mark.slow
