@@ -26,6 +26,7 @@ import torch
 from benchmarks import table2
 from benchmarks.common import OMNIGLOT_ROOT, QUICK_HELP, ROOT, TINY_OMNIGLOT, cli, machine, markdown_table
 from imaml_lightning.checkpointing import shareable
+from imaml_lightning.module import adaptation_steps
 
 RESULTS = ROOT / "benchmarks" / "results"
 # name: (table2 setting, the cell it comes from). The Table 2 cells are their seed-0 runs of
@@ -84,16 +85,11 @@ def ship(name: str, setting: str, cell: Path, out: Path, root: str, extra: list)
             "sha256": sha256(file), "bytes": file.stat().st_size, "shipped": machine()}
 
 
-def adaptation_steps(file: Path) -> int:
-    """The inner steps a model file adapts with at test and predict."""
-    hyper_parameters = torch.load(file, map_location="cpu", weights_only=True)["hyper_parameters"]
-    steps = hyper_parameters["test_inner_steps"]
-    return hyper_parameters["solver"]["inner_steps"] if steps is None else steps
-
-
 def write_table(records: dict, out: Path) -> str:
+    hyper_parameters = {name: torch.load(out / r["file"], weights_only=True)["hyper_parameters"]
+                        for name, r in records.items()}
     rows = [[f"[{name}]({r['file']})", r["setting"], f"`{r['trained_by']}`", r["meta_steps"],
-             adaptation_steps(out / r["file"]), f"{r['test']}%", f"`{r['sha256'][:16]}…`",
+             adaptation_steps(hyper_parameters[name]), f"{r['test']}%", f"`{r['sha256'][:16]}…`",
              f"{r['bytes'] / 1e6:.2f} MB"] for name, r in records.items()]
     table = markdown_table(["model", "setting", "trained by", "meta-steps (best checkpoint)",
                             "inner steps at test (chosen on validation)",

@@ -217,7 +217,7 @@ class IMAML(pl.LightningModule):
         with torch.inference_mode(False), torch.enable_grad():
             tasks = Task(*(t.clone() for t in batch))
             outputs = adapt_and_predict(self.net, self.params(), tasks, self.loss_fn, self.config,
-                                        self.hparams.test_inner_steps, self.hparams.chunk_size,
+                                        adaptation_steps(self.hparams), self.hparams.chunk_size,
                                         self.hparams.batch_norm)
         score.update(self.episode_scores(outputs.detach(), tasks.query_y))
 
@@ -272,7 +272,7 @@ class IMAML(pl.LightningModule):
         task = Task(support_x[None], support_y[None], support_x[None, :1], support_y[None, :1])
         with torch.inference_mode(False), torch.enable_grad():
             phi = adapt_tasks(self.net, self.params(), task, loss_fn, self.config,
-                              self.hparams.test_inner_steps)
+                              adaptation_steps(self.hparams))
         return Adapted(support_x, {k: v[0].detach() for k, v in phi.items()}, classes)
 
     def predict_step(self, batch, batch_idx=0):
@@ -282,6 +282,13 @@ class IMAML(pl.LightningModule):
         with torch.no_grad():
             outputs = predict(self.net, phi, support_x, batch.to(support_x), batch_norm="support")
         return outputs[..., :classes].softmax(-1) if self.classification else outputs
+
+
+def adaptation_steps(hyper_parameters) -> int:
+    """The inner steps validation, test and predict adapt with: test_inner_steps, else the
+    training's (hyper_parameters: a module's, or a checkpoint's "hyper_parameters")."""
+    steps = hyper_parameters["test_inner_steps"]
+    return hyper_parameters["solver"]["inner_steps"] if steps is None else steps
 
 
 class Adapted(NamedTuple):
