@@ -136,7 +136,7 @@ if __name__ == "__main__":
             if not args.cells:
                 table2.main(argparse.Namespace(
                     settings=["5w1s"], algorithms=["imaml-gd"], minutes=0.1, extra=TINY_OMNIGLOT,
-                    omniglot_root=args.omniglot_root, seed=0, steps_of=None, out=str(cells)))
+                    omniglot_root=args.omniglot_root, seed=0, steps_of=None, steps=None, out=str(cells)))
             args.out, args.names = str(Path(folder) / "models"), None
             main(args, {"omniglot_5way_1shot": ("5w1s", cells / "5w1s_imaml-gd")}, TINY_OMNIGLOT)
     else:

@@ -16,10 +16,11 @@ table. The latest tables, with their date and machine: docs/benchmarks.md.
 
 Usage: python -m benchmarks.table2 [--minutes M] [--settings 5w1s 20w1s ...]
        [--algorithms imaml-gd imaml-hf maml fomaml reptile] [--out benchmarks/results/table2]
-       [--seed N] [--steps-of OUT] [--extra FLAG ...]
+       [--seed N] [--steps-of OUT | --steps N] [--extra FLAG ...]
        (--seed 1 --steps-of benchmarks/results/table2: seed 1 of each cell, training exactly the
        meta-steps and schedule its seed-0 cell did, with no time limit; the table then adds each
-       cell's mean and spread over its seeds)
+       cell's mean and spread over its seeds; --steps N: exactly N meta-steps, no time limit,
+       for a long run that spans sessions)
        python -m benchmarks.table2 --quick   (one tiny cell for a few seconds, in a temporary folder)
 """
 import argparse
@@ -89,6 +90,21 @@ def plan_of_steps(cell: Path, reference: Path) -> dict:
     cell.mkdir(parents=True, exist_ok=True)
     (cell / "plan.json").write_text(json.dumps(steps, indent=2) + "\n")
     return steps
+
+
+def plan_fixed_steps(cell: Path, steps: int) -> None:
+    """A plan of exactly `steps` meta-steps (the cosine schedule as long), no time limit: a long
+    run whose result does not depend on the machine's speed or load, stopped and resumed at will."""
+    path = cell / "plan.json"
+    if path.is_file():
+        planned = json.loads(path.read_text())
+        if planned["max_steps"] != steps:
+            sys.exit(f"error: {cell} was planned for {planned['max_steps']} meta-steps, not --steps "
+                     f"{steps}: rerun it with those, or choose another --out")
+        return
+    cell.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"minutes": None, "max_steps": steps,
+                                "val_check_interval": max(1, steps // 8)}, indent=2) + "\n")
 
 
 def plan(cell: Path, command: list, minutes: float, config: str) -> dict:
@@ -253,15 +269,20 @@ def evaluation_columns(result: dict) -> list:
 
 
 def plot(cells: dict, path: Path) -> None:
+    plot_curves({name: validation_curve(cell) for name, cell in cells.items()}, path,
+                xlabel="wall-clock minutes of meta-training", ylabel="val accuracy (%)",
+                title="Omniglot, 200 validation episodes")
+
+
+def plot_curves(curves: dict, path: Path, **labels) -> None:
+    """One PNG of {label: (x values, y values)}, axes.set(**labels)."""
     from imaml_lightning.charts import new_figure
 
     figure = new_figure(6, 4)
     axes = figure.subplots()
-    for name, cell in cells.items():
-        minutes, accuracy = validation_curve(cell)
-        axes.plot(minutes, accuracy, "o-", markersize=3, label=name)
-    axes.set(xlabel="wall-clock minutes of meta-training", ylabel="val accuracy (%)",
-             title="Omniglot, 200 validation episodes")
+    for label, (x, y) in curves.items():
+        axes.plot(x, y, "o-", markersize=3, label=label)
+    axes.set(**labels)
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -280,6 +301,9 @@ def main(args) -> None:
                 minutes = None
                 if not (cell / "plan.json").is_file():
                     plan_of_steps(cell, Path(args.steps_of) / cell_name(setting, algorithm, 0))
+            elif args.steps:
+                minutes = None
+                plan_fixed_steps(cell, args.steps)
             evaluate_longer_adaptation(cell, command, run_cell(cell, command, minutes, config))
     # The table and the plot hold every finished cell under --out, not only this invocation's,
     # so running the settings one command at a time builds one table.
@@ -330,6 +354,12 @@ def positive_minutes(text: str) -> float:
     return minutes
 
 
+def positive_steps(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--steps={text} is invalid: must be an integer >= 1")
+    return int(text)
+
+
 def quick(args) -> None:
     """--quick: one cell (5w1s imaml-gd unless chosen) of a tiny network with a budget of a few
     seconds, in a temporary folder unless --out is given: benchmarks/results is left alone."""
@@ -352,9 +382,13 @@ if __name__ == "__main__":
                         help="--seed_everything of every run (cells of seed N > 0 are named *_seedN)")
     parser.add_argument("--steps-of", help="an --out folder whose finished seed-0 cells set each cell's "
                         "meta-steps and schedule (no time limit), e.g. for more seeds")
+    parser.add_argument("--steps", type=positive_steps, help="every cell trains exactly this many "
+                        "meta-steps, its cosine schedule as long, no time limit (a long run)")
     parser.add_argument("--out", help="default: benchmarks/results/table2 (--quick: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = parser.parse_args()
+    if args.steps and (args.minutes or args.steps_of):
+        parser.error("--steps excludes --minutes and --steps-of (a plan is either steps or minutes)")
     if args.quick:
         quick(args)
     else:

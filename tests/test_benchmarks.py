@@ -178,3 +178,20 @@ def test_table2_records_no_result_for_a_run_of_fixed_steps_stopped_early(env, tm
     assert done.stderr.strip() == ("cell: stopped at meta-step 4 of 10; the same command continues "
                                    "it from its last.ckpt")
     assert not (tmp_path / "cell" / "result.json").exists()
+
+
+def test_table2_steps_plans_exactly_those_meta_steps_and_keeps_the_plan(env, tmp_path):
+    """--steps N: a plan of N meta-steps and no time limit, which a rerun with another N refuses
+    in one line instead of training the cell to another plan."""
+    from benchmarks.table2 import plan_fixed_steps
+
+    plan_fixed_steps(tmp_path / "cell", 1600)
+    planned = json.loads((tmp_path / "cell" / "plan.json").read_text())
+    assert planned == {"minutes": None, "max_steps": 1600, "val_check_interval": 200}
+    plan_fixed_steps(tmp_path / "cell", 1600)  # the same plan: kept
+    with pytest.raises(SystemExit, match="planned for 1600 meta-steps, not --steps 1200"):
+        plan_fixed_steps(tmp_path / "cell", 1200)
+    for bad in (["--steps", "0"], ["--steps", "100", "--minutes", "5"]):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.table2", *bad], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr and "--steps" in done.stderr, done.stderr

@@ -119,24 +119,6 @@ def training_records(out: Path) -> dict:
     return records
 
 
-def plot(curves: dict, path: Path) -> None:
-    from imaml_lightning.charts import new_figure
-
-    figure = new_figure(6, 4)
-    axes = figure.subplots()
-    for label, points in curves.items():
-        axes.plot(*zip(*points), "o-", markersize=3, label=label)
-    # Validation during training adapts with the training's inner steps: the 10-step curves sit
-    # below what their checkpoints validate with 20 (the table has both).
-    axes.set(xlabel="minutes of meta-training at the measured step time",
-             ylabel="val accuracy (%), adapting with the training's inner steps",
-             title="Omniglot 20-way 1-shot, inner steps in training")
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"plot: {path}")
-
-
 def main(args) -> None:
     out = Path(args.out).resolve()
     if not (REFERENCE / "20w1s_imaml-gd/result.json").is_file():
@@ -155,7 +137,8 @@ def main(args) -> None:
         rows.append([label, f"{result['meta_steps']} (best {result['best_step']})", f"{step_time:.2f}",
                      f"{record['inner_grad_norm']:.2f}" if record else "-",
                      *table2.evaluation_columns(result)])
-        curves[label] = [(step * step_time / 60, 100 * acc) for step, acc in record.get("validation", [])]
+        points = record.get("validation", [])
+        curves[label] = ([step * step_time / 60 for step, _ in points], [100 * acc for _, acc in points])
     report = (f"{seconds['machine']} (step times); {machine()} (table)\nOmniglot 20-way 1-shot, "
               "iMAML-GD, the shipped config but the inner steps; equal training time (the 10-step "
               "cells' 4,440 meta-steps scaled by the step times measured here); test on the best "
@@ -166,7 +149,12 @@ def main(args) -> None:
                                 "test acc, training's inner steps", "test acc, 2x"], rows))
     print(f"\n{report}")
     (out / "inner_steps.md").write_text(report + "\n")
-    plot(curves, out / "inner_steps.png")
+    # Validation during training adapts with the training's inner steps: the 10-step curves sit
+    # below what their checkpoints validate with 20 (the table has both).
+    table2.plot_curves(curves, out / "inner_steps.png",
+                       xlabel="minutes of meta-training at the measured step time",
+                       ylabel="val accuracy (%), adapting with the training's inner steps",
+                       title="Omniglot 20-way 1-shot, inner steps in training")
 
 
 if __name__ == "__main__":
