@@ -164,4 +164,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=20, help="of the step-time measurement")
     parser.add_argument("--omniglot-root", default=OMNIGLOT_ROOT)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/inner_steps"))
-    main(parser.parse_args())
+    args = parser.parse_args()
+    if args.rounds < 1:  # before anything is measured or written under --out
+        parser.error(f"--rounds={args.rounds} is invalid: must be >= 1")
+    main(args)
